@@ -1,0 +1,1 @@
+"""fabric: a simulated NetBackup-style backup fabric for data-in-transit encryption."""
