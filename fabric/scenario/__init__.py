@@ -1,0 +1,1 @@
+"""Scenarios: load a topology YAML, plan its DTE decisions, run it on live daemons."""

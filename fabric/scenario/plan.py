@@ -1,0 +1,203 @@
+"""`fabric plan`: the DTE decision of every step, in order, with no data moving.
+
+Applies fabric.dte to a scenario, assuming each earlier step ends as decided (a backup
+decided `encrypt` makes an image whose DTE mode is On; a failed one makes no image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from fabric import dte
+from fabric.dte import Decision, DomainSettings, Host, Outcome
+from fabric.model import (
+    BackupStep,
+    DuplicateStep,
+    ImageDteModeStep,
+    ImportStep,
+    PolicyType,
+    ReplicateStep,
+    RestoreStep,
+    Scenario,
+    SetStep,
+    Step,
+    SyntheticStep,
+    VerifyStep,
+)
+from fabric.status import Status, for_dte_failure
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: int
+    op: str
+    decision: Decision | None
+    status: int
+    reason: str
+    subject: str = ""
+
+    def as_json(self) -> dict:
+        return {
+            "step": self.step,
+            "op": self.op,
+            "decision": self.decision.value if self.decision else None,
+            "status": self.status,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    scenario: str
+    steps: tuple[StepPlan, ...]
+
+    def as_json(self) -> dict:
+        return {"scenario": self.scenario, "steps": [s.as_json() for s in self.steps]}
+
+
+def status_of(outcome: Outcome) -> int:
+    return int(for_dte_failure(outcome.cause.name)) if outcome.cause else 0
+
+
+@dataclass
+class _PlannedImage:
+    domain: str
+    image_on: bool
+    media: list[str] = field(default_factory=list)  # media servers holding a copy, copy 1 first
+    replicas: set[str] = field(default_factory=set)  # target-domain media holding a replica
+
+
+class _PlanState:
+    """Domain settings, hosts and images as the steps so far have left them."""
+
+    def __init__(self, scenario: Scenario):
+        self.settings: dict[str, DomainSettings] = {name: d.settings for name, d in scenario.domains.items()}
+        self.hosts: dict[str, Host] = {name: h.as_dte_host() for name, h in scenario.hosts.items()}
+        self.domain_of = {name: h.domain for name, h in scenario.hosts.items()}
+        self.images: dict[str, _PlannedImage | None] = {}  # None: the step that made it failed
+
+    def domain_settings(self, host: str) -> DomainSettings:
+        return self.settings[self.domain_of[host]]
+
+
+def plan_scenario(scenario: Scenario) -> Plan:
+    state = _PlanState(scenario)
+    return Plan(scenario.name, tuple(_plan_step(state, step) for step in scenario.steps))
+
+
+def _plan_step(state: _PlanState, step: Step) -> StepPlan:
+    if isinstance(step, SetStep):
+        return _apply_set(state, step)
+    if isinstance(step, ImageDteModeStep):
+        image = state.images.get(step.image)
+        if image is None:
+            return _missing(step, step.image)
+        image.image_on = step.mode.is_on
+        return StepPlan(step.index, step.op, None, 0, f"image {step.image} DTE mode set {step.mode.value.capitalize()}", step.image)
+    if isinstance(step, BackupStep):
+        return _plan_backup(state, step)
+    image_name = getattr(step, "image", None)
+    if image_name is not None and state.images.get(image_name) is None:
+        return _missing(step, image_name)
+    if isinstance(step, RestoreStep):
+        image = state.images[step.image]
+        media = step.media or image.media[0]
+        outcome = dte.decide_restore(state.domain_settings(media), image.image_on, state.hosts[step.to], [state.hosts[media]])
+        return _decided(step, outcome, f"{media} -> {step.to}")
+    if isinstance(step, DuplicateStep):
+        image = state.images[step.image]
+        source = step.media or image.media[0]
+        outcome = dte.decide_duplication(state.domain_settings(source), image.image_on, state.hosts[source], state.hosts[step.to])
+        if not outcome.fails:
+            image.media.append(step.to)
+        return _decided(step, outcome, f"{source} -> {step.to}")
+    if isinstance(step, VerifyStep):
+        image = state.images[step.image]
+        media = step.media or image.media[0]
+        return _decided(step, dte.decide_verify(state.domain_settings(media), image.image_on, state.hosts[media]), media)
+    if isinstance(step, ReplicateStep):
+        image = state.images[step.image]
+        source = step.media or image.media[0]
+        # D-REPL: "The job DTE mode depends on the image DTE mode or the global DTE
+        # setting of the source domain."
+        outcome = dte.decide_replication(state.domain_settings(source), image.image_on, state.hosts[source], state.hosts[step.to])
+        if not outcome.fails:
+            image.replicas.add(step.to)
+        return _decided(step, outcome, f"{source} -> {step.to}")
+    if isinstance(step, ImportStep):
+        image = state.images[step.image]
+        if step.media not in image.replicas:
+            return StepPlan(step.index, step.op, Decision.FAIL, int(Status.NO_IMAGES_PROCESSED),
+                            f"no replica of {step.image} reached {step.media} (the replication failed)", step.media)
+        outcome = dte.decide_import(state.domain_settings(step.media), image.image_on, state.hosts[step.media])
+        if not outcome.fails:
+            state.images[step.image] = _PlannedImage(state.domain_of[step.media], image.image_on, [step.media])
+        return _decided(step, outcome, step.media)
+    if isinstance(step, SyntheticStep):
+        return _plan_synthetic(state, step)
+    return StepPlan(step.index, step.op, None, 0, "", "")
+
+
+def _plan_backup(state: _PlanState, step: BackupStep) -> StepPlan:
+    settings = state.domain_settings(step.media)
+    media = state.hosts[step.media]
+    if step.policy_type is PolicyType.UNIVERSAL_SHARE:
+        outcome = dte.decide_universal_share_backup(settings, media)
+    else:
+        outcome = dte.decide_backup(settings, state.hosts[step.client], media)
+    if step.alias:
+        state.images[step.alias] = None if outcome.fails else _PlannedImage(
+            state.domain_of[step.media], dte.image_dte_mode(outcome.encrypts, media).is_on, [step.media]
+        )
+    return _decided(step, outcome, f"{step.client} -> {step.media}")
+
+
+def _plan_synthetic(state: _PlanState, step: SyntheticStep) -> StepPlan:
+    for alias in step.images:
+        if state.images.get(alias) is None:
+            return _missing(step, alias)
+    components = [state.images[a] for a in step.images]
+    media_names = list(dict.fromkeys([*(c.media[0] for c in components), step.media]))
+    outcome = dte.decide_synthetic(
+        state.domain_settings(step.media), [c.image_on for c in components], [state.hosts[m] for m in media_names]
+    )
+    if step.alias:
+        state.images[step.alias] = None if outcome.fails else _PlannedImage(
+            state.domain_of[step.media], dte.image_dte_mode(outcome.encrypts, state.hosts[step.media]).is_on, [step.media]
+        )
+    return _decided(step, outcome, f"{', '.join(media_names[:-1])} -> {step.media}")
+
+
+def _apply_set(state: _PlanState, step: SetStep) -> StepPlan:
+    if step.host:
+        host = state.hosts[step.host]
+        changes = []
+        if step.version is not None:
+            host = replace(host, version=step.version)
+            changes.append(f"version {step.version}")
+        if step.dte_mode is not None:
+            host = replace(host, dte_mode=step.dte_mode)
+            changes.append(f"DTE mode {step.dte_mode.value}")
+        state.hosts[step.host] = host
+        return StepPlan(step.index, step.op, None, 0, f"{step.host}: {', '.join(changes)}", step.host)
+    domain = step.domain or next(iter(state.settings))
+    settings = state.settings[domain]
+    changes = []
+    if step.global_mode is not None:
+        settings = replace(settings, global_mode=step.global_mode)
+        changes.append(f"global DTE mode {step.global_mode.label}")
+    if step.ignore_image_mode is not None:
+        settings = replace(settings, ignore_image_mode=step.ignore_image_mode)
+        changes.append(f"DTE_IGNORE_IMAGE_MODE = {step.ignore_image_mode.name}")
+    state.settings[domain] = settings
+    return StepPlan(step.index, step.op, None, 0, f"domain {domain}: {', '.join(changes)}", domain)
+
+
+def _decided(step: Step, outcome: Outcome, subject: str) -> StepPlan:
+    return StepPlan(step.index, step.op, outcome.decision, status_of(outcome), outcome.reason, subject)
+
+
+def _missing(step: Step, image: str) -> StepPlan:
+    return StepPlan(step.index, step.op, Decision.FAIL, int(Status.NO_ENTITY_FOUND),
+                    f"image {image} does not exist: the step that should have made it failed", image)
+
