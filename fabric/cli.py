@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=cmd_plan)
 
+    run = sub.add_parser("run", help="run a scenario on live daemons (real MQTT, real TLS, real SQLite)")
+    run.add_argument("file", metavar="FILE")
+    run.add_argument("--json", action="store_true", help="print the report as JSON")
+    run.add_argument("--state", metavar="DIR", help="where catalog, storage, certificates and logs go (default: ./state/<scenario>)")
+    run.add_argument("--broker", metavar="URL", help="use this MQTT broker (mqtt://host:port) instead of the embedded one")
+    run.add_argument("--capture", action="store_true", help="route every data leg through a relay that records the wire")
+    run.add_argument("-v", "--verbose", action="store_true", help="daemon logs on the console too")
+    run.set_defaults(handler=cmd_run)
     return parser
 
 
@@ -80,6 +88,82 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for plan in plans:
             print(render_plan(plan))
     return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from fabric import logs
+    from fabric.broker import parse_broker_url
+    from fabric.scenario.run import run_scenario
+
+    scenarios = load_all([args.file])
+    if scenarios is None:
+        return EXIT_INVALID
+    scenario = scenarios[0]
+    if args.broker:
+        try:
+            parse_broker_url(args.broker)
+        except ValueError as exc:
+            print(f"error: --broker: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+    state = as_path(args.state) if args.state else Path("state") / scenario.name
+    state.mkdir(parents=True, exist_ok=True)
+    log_file = state / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    logs.configure(log_file, args.verbose)
+    progress = Progress(enabled=not args.json, total=len(scenario.steps))
+    try:
+        report = asyncio.run(run_scenario(scenario, state, broker_url=args.broker, capture=args.capture, on_step=progress.update))
+    except OSError as exc:
+        print(f"error: cannot run {scenario.path}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        progress.finish()
+        print(render_run(report))
+        print(f"\nstate: {report.state_dir}   logs: {log_file}")
+        for domain, catalog in report.catalogs.items():
+            print(f"catalog ({domain}): {catalog}")
+    return EXIT_OK if report.ok else EXIT_UNMET
+
+
+class Progress:
+    """One line per step on stderr: what runs now, then how it ended."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled
+        self.total = total
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step, report) -> None:
+        if not self.enabled:
+            return
+        if report is None:
+            if self.tty:
+                print(f"\r\x1b[K[{step.index}/{self.total}] {step.op} ...", end="", file=sys.stderr, flush=True)
+            return
+        mark = {"met": "ok", "unmet": "UNMET", None: "--"}[report.expect]
+        line = f"[{step.index}/{self.total}] {step.op:<14} status {report.status if report.status is not None else '-':<5} {mark}"
+        print(("\r\x1b[K" if self.tty else "") + line, file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        pass
+
+
+def render_run(report) -> str:
+    rows = [("step", "op", "job", "status", "dte", "tls", "MB", "s", "verified", "expect", "detail")]
+    for s in report.steps:
+        tls = f"{s.tls['version']}" if s.tls else "-"
+        detail = "; ".join(s.unmet) if s.unmet else s.reason
+        if s.backup_id:
+            detail = f"{s.backup_id}" + (f" copy {s.copy}" if s.copy else "") + f": {detail}"
+        rows.append((str(s.step), s.op, str(s.job_id or "-"), "-" if s.status is None else str(s.status), s.dte_mode or "-",
+                     tls, f"{s.bytes / 1e6:.1f}" if s.bytes else "-", f"{s.seconds:.2f}" if s.seconds else "-",
+                     {None: "-", True: "yes", False: "NO"}[s.verified], s.expect or "-", detail))
+    verdict = "all expectations met" if report.ok else "SOME EXPECTATIONS UNMET"
+    return f"run: {report.scenario} ({verdict}, {report.seconds:.1f} s)\n" + table(rows)
 
 
 def render_plan(plan: Plan) -> str:

@@ -40,6 +40,7 @@ class Status(enum.IntEnum):
     IMAGE_ON_MEDIA_OFF = 8312  # [I]
     DTE_NEGOTIATION_REFUSED = 8313  # [I] a peer's data-channel header disagreed with the job
     RESTORE_CLIENT_ON_MEDIA_OFF = 8314
+    TLS_HANDSHAKE_FAILED = 8316  # [I] the data channel's TLS handshake failed (certificate, version)
 
     @property
     def message(self) -> str:
@@ -73,6 +74,7 @@ MESSAGES: dict[Status, str] = {
     Status.ENFORCED_MEDIA_OFF: "DTE is enforced, but the media server DTE mode is Off",
     Status.IMAGE_ON_MEDIA_OFF: "the image DTE mode is On, but the media server DTE mode is Off",
     Status.DTE_NEGOTIATION_REFUSED: "the data channel's DTE negotiation was refused",
+    Status.TLS_HANDSHAKE_FAILED: "the data channel's TLS handshake failed",
     Status.RESTORE_CLIENT_ON_MEDIA_OFF: "DTE_CLIENT_MODE is On, but the media server DTE mode is Off (restore)",
 }
 

@@ -1,0 +1,1 @@
+"""The fabric daemons: primary server, media server, client; one module each."""

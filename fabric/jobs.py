@@ -1,0 +1,72 @@
+"""What a job request and a job result say, as they cross the control plane.
+
+Pure dataclasses with their JSON form: the runner (and the admin surface) asks the
+primary for a job with a JobRequest and gets a JobResult back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    op: str  # backup | restore | duplicate | verify | replicate | import | synthetic
+    step: int | None = None
+    client: str | None = None  # backup: the client; restore: where to restore to
+    media: str | None = None  # backup: the storage; others: the media server holding the source copy
+    target: str | None = None  # duplicate / replicate: the destination media server
+    target_domain: str | None = None  # replicate: the destination's domain
+    backup_id: str | None = None
+    images: tuple[str, ...] = ()  # synthetic: a full and its incrementals, oldest first
+    incremental: bool = False
+    policy_type: str = "standard"
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, body: dict) -> "JobRequest":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in body.items() if k in known}
+        values["images"] = tuple(values.get("images") or ())
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class CopyInfo:
+    copy: int
+    media_server: str
+    copy_dte_mode: str
+    hierarchical_dte_mode: str
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: int | None
+    op: str
+    status: int
+    reason: str = ""
+    decision: str | None = None  # encrypt | plaintext | fail, as the primary decided
+    dte_mode: str | None = None  # on | off: what the job really did
+    backup_id: str | None = None
+    copy: int | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+    tls: dict | None = None  # {"version": ..., "cipher": ...}
+    verified: bool | None = None
+    attempts: int = 1
+    image_dte_mode: str | None = None
+    copies: tuple[CopyInfo, ...] = field(default_factory=tuple)
+
+    def as_json(self) -> dict:
+        out = asdict(self)
+        out["copies"] = [asdict(c) for c in self.copies]
+        return out
+
+    @classmethod
+    def from_json(cls, body: dict) -> "JobResult":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in body.items() if k in known}
+        values["copies"] = tuple(CopyInfo(**c) for c in values.get("copies") or ())
+        return cls(**values)

@@ -1,0 +1,345 @@
+"""`fabric run`: bring a topology to life on live daemons and run its steps as real jobs.
+
+The runner plays the administrator: it asks each domain's primary for jobs over MQTT,
+changes settings the way nbseccmd / bpsetconfig / bpimage would, and injects faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import structlog
+
+from fabric.broker import EmbeddedBroker
+from fabric.bus import Bus, BusError, Topics
+from fabric.daemons.base import FAILED_KIND, Daemon, DaemonConfig, Route, direct_route
+from fabric.daemons.client import Client
+from fabric.daemons.media import MediaServer
+from fabric.daemons.primary import Primary
+from fabric.dte import Role
+from fabric.jobs import JobRequest, JobResult
+from fabric.model import (
+    BackupKind,
+    BackupStep,
+    DuplicateStep,
+    Expect,
+    FaultKind,
+    FaultStep,
+    HealStep,
+    ImageDteModeStep,
+    ImportStep,
+    MutateStep,
+    ReplicateStep,
+    RestoreStep,
+    Scenario,
+    SetStep,
+    Step,
+    SyntheticStep,
+    VerifyStep,
+)
+from fabric.network import RelayNetwork
+from fabric.pki import DomainCA
+from fabric.status import Status
+
+log = structlog.get_logger("fabric.run")
+
+
+@dataclass
+class StepReport:
+    step: int
+    op: str
+    job_id: int | None = None
+    status: int | None = None
+    dte_mode: str | None = None
+    backup_id: str | None = None
+    copy: int | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+    tls: dict | None = None
+    verified: bool | None = None
+    expect: str | None = None  # met | unmet | None
+    reason: str = ""
+    decision: str | None = None
+    attempts: int | None = None
+    image_dte_mode: str | None = None
+    copies: list[dict] = field(default_factory=list)
+    unmet: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunReport:
+    scenario: str
+    state_dir: str
+    steps: list[StepReport]
+    seconds: float = 0.0
+    catalogs: dict[str, str] = field(default_factory=dict)  # domain -> catalog file
+
+    @property
+    def ok(self) -> bool:
+        return all(s.expect != "unmet" for s in self.steps)
+
+    def as_json(self) -> dict:
+        return {"scenario": self.scenario, "ok": self.ok, "state_dir": self.state_dir, "seconds": round(self.seconds, 3),
+                "catalogs": self.catalogs, "steps": [s.as_json() for s in self.steps]}
+
+
+def check_expect(expect: Expect | None, report: StepReport) -> tuple[str | None, list[str]]:
+    if expect is None:
+        return None, []
+    unmet = []
+    if expect.status is not None and report.status != expect.status:
+        unmet.append(f"status {report.status}, expected {expect.status}")
+    if expect.fails is not None and (report.status != 0) != expect.fails:
+        unmet.append("the job succeeded, expected it to fail" if expect.fails else f"the job failed ({report.status}), expected success")
+    if expect.dte is not None and report.dte_mode != expect.dte.value:
+        unmet.append(f"DTE mode {report.dte_mode or 'not set'}, expected {expect.dte.value}")
+    if expect.verified is not None and report.verified != expect.verified:
+        unmet.append(f"verified {report.verified}, expected {expect.verified}")
+    return ("unmet" if unmet else "met"), unmet
+
+
+class Fabric:
+    """The live topology: broker, one primary per domain, media servers and clients."""
+
+    def __init__(self, scenario: Scenario, state_dir: Path, broker_url: str | None = None, capture: bool = False,
+                 relays: bool | None = None):
+        self.scenario = scenario
+        self.state_dir = state_dir
+        self.external_broker = broker_url
+        self.broker: EmbeddedBroker | None = None
+        self.broker_url = broker_url or ""
+        # Relays cost a copy per chunk; put them in the path only when something needs
+        # them: a fault step, or a capture of the wire.
+        needs_relays = capture or any(isinstance(s, FaultStep) and s.kind is FaultKind.CUT for s in scenario.steps)
+        self.network = RelayNetwork(capture=capture) if (needs_relays if relays is None else relays) else None
+        self.daemons: dict[str, Daemon] = {}
+        self.bus: Bus | None = None
+        self.aliases: dict[str, str] = {}  # image alias -> backup id
+        self.alias_domain: dict[str, str] = {}
+
+    @property
+    def route(self) -> Route:
+        return self.network.route if self.network else direct_route
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not self.external_broker:
+            self.broker = EmbeddedBroker()
+            await self.broker.start()
+            self.broker_url = self.broker.url
+        cas = {name: self._ca(name) for name in self.scenario.domains}
+        for role in (Role.PRIMARY, Role.MEDIA, Role.CLIENT):  # primaries first: the others register
+            for spec in self.scenario.hosts_with_role(role):
+                daemon = self._daemon(spec, cas)
+                await daemon.start()
+                self.daemons[spec.name] = daemon
+        self.bus = Bus(self.broker_url, client_id="fabric-run", host="fabric-run", log_context={"role": "admin"})
+        await self.bus.start()
+        log.info("fabric up", hosts=len(self.daemons), broker=self.broker_url)
+
+    def _ca(self, domain: str) -> DomainCA:
+        folder = self.state_dir / "pki" / domain
+        return DomainCA.load(folder) if (folder / "ca.pem").exists() else DomainCA.create(domain, folder)
+
+    def _daemon(self, spec, cas: dict[str, DomainCA]) -> Daemon:
+        domain = self.scenario.domains[spec.domain]
+        partners = {d.name for d in self.scenario.domains.values() if spec.domain in d.trusts} | set(domain.trusts)
+        # Every host since 8.1 has a host certificate (D-SECCOMM); whether a leg uses it is
+        # the DTE decision's business, not the certificate's.
+        creds = cas[spec.domain].issue(spec.name, self.state_dir / "pki" / spec.domain / "hosts")
+        config = DaemonConfig(
+            name=spec.name, role=spec.role, domain=spec.domain, version=spec.version,
+            primary=self.primary_of(spec.domain), state_dir=self.state_dir / "hosts" / spec.name, creds=creds,
+            dte_mode=spec.dte_mode, trusted_cas=tuple(cas[p].cert_path for p in sorted(partners)),
+            seed=self.scenario.seed, data_files=spec.data.files, data_size=spec.data.size, data_path=spec.data.path,
+        )
+        if spec.role is Role.PRIMARY:
+            return Primary(config, self.broker_url, self.route, settings=domain.settings, retry=domain.retry)
+        if spec.role is Role.MEDIA:
+            return MediaServer(config, self.broker_url, self.route)
+        return Client(config, self.broker_url, self.route)
+
+    def primary_of(self, domain: str) -> str:
+        return next(h.name for h in self.scenario.hosts.values() if h.domain == domain and h.role is Role.PRIMARY)
+
+    async def stop(self) -> None:
+        if self.bus:
+            await self.bus.stop()
+        for daemon in reversed(list(self.daemons.values())):
+            if daemon.running:
+                await daemon.stop()
+        if self.network:
+            await self.network.close()
+        if self.broker:
+            await self.broker.stop()
+
+    # -- asking a primary --------------------------------------------------------------
+
+    async def ask(self, domain: str, kind: str, body: dict, timeout: float = 3600.0) -> dict:
+        reply = await self.bus.request(Topics(domain=domain).cmd(self.primary_of(domain)), kind, body, timeout=timeout)
+        if reply.kind == FAILED_KIND:
+            raise StepFailed(reply.body.get("status", 1), reply.body.get("reason", ""))
+        return reply.body
+
+    # -- steps -------------------------------------------------------------------------
+
+    async def run_step(self, step: Step) -> StepReport:
+        report = StepReport(step.index, step.op)
+        try:
+            if isinstance(step, (SetStep, ImageDteModeStep, MutateStep, FaultStep, HealStep)):
+                report.reason = await self._admin_step(step)
+            else:
+                self._job_report(report, await self._job_step(step))
+        except StepFailed as failure:
+            report.status, report.reason = failure.status, failure.reason
+        except BusError as exc:
+            # The control plane itself is down: the job could not even be submitted.
+            report.status, report.reason = int(Status.CANNOT_CONNECT), f"the control plane is unavailable: {exc}"
+        report.expect, report.unmet = check_expect(step.expect, report)
+        return report
+
+    def _job_report(self, report: StepReport, result: JobResult) -> None:
+        for name in ("job_id", "status", "dte_mode", "backup_id", "copy", "bytes", "seconds", "tls", "verified", "reason",
+                     "decision", "attempts", "image_dte_mode"):
+            setattr(report, name, getattr(result, name))
+        report.copies = [asdict(c) for c in result.copies]
+
+    async def _job_step(self, step: Step) -> JobResult:
+        hosts = self.scenario.hosts
+        if isinstance(step, BackupStep):
+            domain = hosts[step.media].domain
+            request = JobRequest("backup", step.index, client=step.client, media=step.media,
+                                 incremental=step.kind is BackupKind.INCREMENTAL, policy_type=step.policy_type.value)
+        else:
+            image = getattr(step, "image", None) or step.images[0]
+            if image not in self.aliases:
+                raise StepFailed(int(Status.NO_ENTITY_FOUND), f"image {image} does not exist: the step that should have made it failed")
+            backup_id = self.aliases[image]
+            domain = self.alias_domain[image]
+            if isinstance(step, RestoreStep):
+                request = JobRequest("restore", step.index, client=step.to, media=step.media, backup_id=backup_id)
+            elif isinstance(step, DuplicateStep):
+                request = JobRequest("duplicate", step.index, media=step.media, target=step.to, backup_id=backup_id)
+            elif isinstance(step, VerifyStep):
+                request = JobRequest("verify", step.index, media=step.media, backup_id=backup_id)
+            elif isinstance(step, ReplicateStep):
+                request = JobRequest("replicate", step.index, media=step.media, target=step.to,
+                                     target_domain=hosts[step.to].domain, backup_id=backup_id)
+            elif isinstance(step, ImportStep):
+                domain = hosts[step.media].domain
+                request = JobRequest("import", step.index, media=step.media, backup_id=backup_id)
+            elif isinstance(step, SyntheticStep):
+                missing = [a for a in step.images if a not in self.aliases]
+                if missing:
+                    raise StepFailed(int(Status.NO_ENTITY_FOUND), f"image {missing[0]} does not exist")
+                request = JobRequest("synthetic", step.index, target=step.media, images=tuple(self.aliases[a] for a in step.images))
+            else:
+                raise AssertionError(f"no job for {step.op}")
+        result = JobResult.from_json(await self.ask(domain, "run_job", request.as_json()))
+        alias = getattr(step, "alias", None)
+        if result.status == 0 and alias:
+            self.aliases[alias], self.alias_domain[alias] = result.backup_id, domain
+        if result.status == 0 and isinstance(step, ImportStep):
+            self.alias_domain[step.image] = domain  # from now on the image is used in the importing domain
+        return result
+
+    async def _admin_step(self, step: Step) -> str:
+        actor = f"scenario step {step.index}"
+        if isinstance(step, SetStep) and step.host:
+            body = {"host": step.host, "actor": actor, "dte_mode": step.dte_mode.value if step.dte_mode else None,
+                    "version": str(step.version) if step.version else None}
+            await self.ask(self.scenario.hosts[step.host].domain, "set_host", body)
+            return f"{step.host}: " + ", ".join(f"{k} {v}" for k, v in body.items() if k in ("dte_mode", "version") and v)
+        if isinstance(step, SetStep):
+            domain = step.domain or next(iter(self.scenario.domains))
+            body = {"actor": actor, "global_mode": step.global_mode.value if step.global_mode else None,
+                    "ignore_image_mode": step.ignore_image_mode.value if step.ignore_image_mode else None}
+            now = await self.ask(domain, "set_domain", body)
+            return f"domain {domain}: global {now['global_mode']}, DTE_IGNORE_IMAGE_MODE {now['ignore_image_mode']}"
+        if isinstance(step, ImageDteModeStep):
+            if step.image not in self.aliases:
+                raise StepFailed(int(Status.NO_ENTITY_FOUND), f"image {step.image} does not exist")
+            changed = await self.ask(self.alias_domain[step.image], "set_image_dte_mode",
+                                     {"backup_id": self.aliases[step.image], "mode": step.mode.value, "actor": actor})
+            return f"image {step.image}: DTE mode {changed['before']} -> {changed['after']}"
+        if isinstance(step, MutateStep):
+            client = self.daemons[step.client]
+            reply = await self.bus.request(Topics(domain=client.config.domain).cmd(step.client), "mutate", {"files": step.files})
+            return f"{step.client}: changed {len(reply.body['changed'])} files"
+        if isinstance(step, FaultStep):
+            return await self._fault(step)
+        if isinstance(step, HealStep):
+            return await self._heal(step)
+        raise AssertionError(step)
+
+    async def _fault(self, step: FaultStep) -> str:
+        if step.kind is FaultKind.CRASH:
+            await self.daemons[step.host].crash()
+            return f"{step.host} crashed"
+        if step.kind is FaultKind.DISK_FULL:
+            self.daemons[step.host].storage.full = True
+            return f"{step.host}: disk storage unit full"
+        if step.kind is FaultKind.CUT:
+            await self.network.cut(*step.link, after=step.after_bytes)
+            return f"link {step.link[0]}<->{step.link[1]} cut" + (f" after {step.after_bytes} bytes" if step.after_bytes else "")
+        if step.kind is FaultKind.BROKER_DOWN:
+            if not self.broker:
+                raise StepFailed(1, "broker_down needs the embedded broker (no --broker)")
+            await self.broker.stop()
+            return "broker stopped"
+        raise AssertionError(step.kind)
+
+    async def _heal(self, step: HealStep) -> str:
+        if step.host:
+            daemon = self.daemons[step.host]
+            if not daemon.running:
+                await daemon.start()
+            if getattr(daemon, "storage", None):
+                daemon.storage.full = False
+            return f"{step.host} back"
+        if step.link:
+            await self.network.heal(*step.link)
+            return f"link {step.link[0]}<->{step.link[1]} healed"
+        await self.broker.start()
+        await asyncio.wait_for(self.bus.connected.wait(), 15)
+        for daemon in self.daemons.values():
+            if daemon.running and daemon.bus:
+                await asyncio.wait_for(daemon.bus.connected.wait(), 15)
+        return "broker back"
+
+
+class StepFailed(Exception):
+    def __init__(self, status: int, reason: str):
+        self.status, self.reason = int(status), reason
+        super().__init__(reason)
+
+
+async def run_scenario(scenario: Scenario, state_dir: Path, *, broker_url: str | None = None, capture: bool = False,
+                       on_step: Callable[[Step, StepReport | None], None] | None = None,
+                       keep: Callable[[Fabric], object] | None = None) -> RunReport:
+    """Run every step in order on a live fabric; always tears it down again."""
+    started = time.monotonic()
+    fabric = Fabric(scenario, state_dir, broker_url, capture)
+    reports: list[StepReport] = []
+    try:
+        await fabric.start()
+        for step in scenario.steps:
+            if on_step:
+                on_step(step, None)
+            report = await fabric.run_step(step)
+            reports.append(report)
+            if on_step:
+                on_step(step, report)
+        if keep:
+            await keep(fabric)
+    finally:
+        await fabric.stop()
+    catalogs = {d: str(state_dir / "hosts" / fabric.primary_of(d) / "catalog.sqlite") for d in scenario.domains}
+    return RunReport(scenario.name, str(state_dir), reports, time.monotonic() - started, catalogs)
