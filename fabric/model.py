@@ -226,3 +226,16 @@ class Scenario:
 
     def hosts_with_role(self, role: Role) -> list[HostSpec]:
         return [h for h in self.hosts.values() if h.role is role]
+
+
+def step_domain(scenario: Scenario, step: Step, image_domains: list[str]) -> str:
+    """The domain whose primary runs a step. An image can live in several domains after a
+    replication and import; `image_domains` lists them, the one it was made in first."""
+    hosts = scenario.hosts
+    if isinstance(step, (RestoreStep, DuplicateStep)):
+        return hosts[step.to].domain
+    if isinstance(step, (BackupStep, ImportStep, SyntheticStep)):
+        return hosts[step.media].domain
+    if isinstance(step, (VerifyStep, ReplicateStep)) and step.media:
+        return hosts[step.media].domain
+    return image_domains[0] if image_domains else next(iter(scenario.domains))

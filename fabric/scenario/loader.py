@@ -460,7 +460,7 @@ class _StepChecker:
         self.r = reader
         self.domains = domains
         self.hosts = hosts
-        self.images: dict[str, str] = {}  # alias -> domain it was made in
+        self.images: dict[str, list[str]] = {}  # alias -> domains holding it (made in, then imported into)
         self.replicas: set[tuple[str, str]] = set()  # (alias, media server) written by replicate
 
     def step(self, index: int, node: Node) -> Step:
@@ -536,7 +536,7 @@ class _StepChecker:
         alias = self.r.name(args["as"][1], f"{key}.as")
         if alias in self.images:
             raise self.r.error(args["as"][1], f"{key}.as", f"an earlier step already made an image called {alias!r}")
-        self.images[alias] = domain
+        self.images[alias] = [domain]
         return alias
 
     def same_domain(self, node: Node, key: str, *hosts: str) -> str:
@@ -546,8 +546,10 @@ class _StepChecker:
         return domains.pop()
 
     def in_image_domain(self, node: Node, key: str, alias: str, host: str) -> None:
-        if self.hosts[host].spec.domain != self.images[alias]:
-            raise self.r.error(node, key, f"image {alias!r} lives in domain {self.images[alias]!r}, but {host} is in {self.hosts[host].spec.domain!r}; replicate and import it first")
+        domain = self.hosts[host].spec.domain
+        if domain not in self.images[alias]:
+            held = " and ".join(repr(d) for d in self.images[alias])
+            raise self.r.error(node, key, f"image {alias!r} lives in domain {held}, but {host} is in {domain!r}; replicate and import it first")
 
     # -- step kinds ---------------------------------------------------------------------
 
@@ -586,8 +588,10 @@ class _StepChecker:
         alias = self.image(node, key, args)
         to = self.host(node, key, args, "to", Role.MEDIA)
         media = self.host(node, key, args, "from", Role.MEDIA, optional=True)
-        source_domain = self.images[alias]
         target_domain = self.hosts[to].spec.domain
+        if media:
+            self.in_image_domain(node, key, alias, media)
+        source_domain = self.hosts[media].spec.domain if media else self.images[alias][0]
         if target_domain == source_domain:
             raise self.r.error(args["to"][1], f"{key}.to", f"{to} is in the image's own domain {source_domain!r}; replicate goes to another domain (use duplicate within one)")
         if source_domain not in self.domains[target_domain].trusts:
@@ -600,6 +604,9 @@ class _StepChecker:
         media = self.host(node, key, args, "media", Role.MEDIA)
         if (alias, media) not in self.replicas:
             raise self.r.error(args["media"][1], f"{key}.media", f"no earlier replicate step sent {alias!r} to {media}")
+        domain = self.hosts[media].spec.domain
+        if domain not in self.images[alias]:
+            self.images[alias].append(domain)
         return ImportStep(**base, image=alias, media=media)
 
     def _synthetic(self, node, key, args, base) -> Step:

@@ -23,6 +23,7 @@ from fabric.model import (
     Step,
     SyntheticStep,
     VerifyStep,
+    step_domain,
 )
 from fabric.status import Status, for_dte_failure
 
@@ -61,23 +62,36 @@ def status_of(outcome: Outcome) -> int:
 
 @dataclass
 class _PlannedImage:
-    domain: str
+    """One image in one domain's catalog."""
+
     image_on: bool
     media: list[str] = field(default_factory=list)  # media servers holding a copy, copy 1 first
-    replicas: set[str] = field(default_factory=set)  # target-domain media holding a replica
+    replicas: set[str] = field(default_factory=set)  # other domains' media holding a replica
 
 
 class _PlanState:
     """Domain settings, hosts and images as the steps so far have left them."""
 
     def __init__(self, scenario: Scenario):
+        self.scenario = scenario
         self.settings: dict[str, DomainSettings] = {name: d.settings for name, d in scenario.domains.items()}
         self.hosts: dict[str, Host] = {name: h.as_dte_host() for name, h in scenario.hosts.items()}
         self.domain_of = {name: h.domain for name, h in scenario.hosts.items()}
-        self.images: dict[str, _PlannedImage | None] = {}  # None: the step that made it failed
+        # alias -> domain -> image; None: the step that should have made it failed
+        self.images: dict[str, dict[str, _PlannedImage] | None] = {}
 
     def domain_settings(self, host: str) -> DomainSettings:
         return self.settings[self.domain_of[host]]
+
+    def image(self, alias: str, step: Step) -> _PlannedImage | None:
+        held = self.images.get(alias)
+        if not held:
+            return None
+        return held.get(step_domain(self.scenario, step, list(held)))
+
+    def made(self, alias: str | None, domain: str, image: _PlannedImage | None) -> None:
+        if alias:
+            self.images[alias] = {domain: image} if image else None
 
 
 def plan_scenario(scenario: Scenario) -> Plan:
@@ -89,7 +103,7 @@ def _plan_step(state: _PlanState, step: Step) -> StepPlan:
     if isinstance(step, SetStep):
         return _apply_set(state, step)
     if isinstance(step, ImageDteModeStep):
-        image = state.images.get(step.image)
+        image = state.image(step.image, step)
         if image is None:
             return _missing(step, step.image)
         image.image_on = step.mode.is_on
@@ -97,26 +111,23 @@ def _plan_step(state: _PlanState, step: Step) -> StepPlan:
     if isinstance(step, BackupStep):
         return _plan_backup(state, step)
     image_name = getattr(step, "image", None)
-    if image_name is not None and state.images.get(image_name) is None:
+    image = state.image(image_name, step) if image_name else None
+    if image_name is not None and image is None:
         return _missing(step, image_name)
     if isinstance(step, RestoreStep):
-        image = state.images[step.image]
         media = step.media or image.media[0]
         outcome = dte.decide_restore(state.domain_settings(media), image.image_on, state.hosts[step.to], [state.hosts[media]])
         return _decided(step, outcome, f"{media} -> {step.to}")
     if isinstance(step, DuplicateStep):
-        image = state.images[step.image]
         source = step.media or image.media[0]
         outcome = dte.decide_duplication(state.domain_settings(source), image.image_on, state.hosts[source], state.hosts[step.to])
         if not outcome.fails:
             image.media.append(step.to)
         return _decided(step, outcome, f"{source} -> {step.to}")
     if isinstance(step, VerifyStep):
-        image = state.images[step.image]
         media = step.media or image.media[0]
         return _decided(step, dte.decide_verify(state.domain_settings(media), image.image_on, state.hosts[media]), media)
     if isinstance(step, ReplicateStep):
-        image = state.images[step.image]
         source = step.media or image.media[0]
         # D-REPL: "The job DTE mode depends on the image DTE mode or the global DTE
         # setting of the source domain."
@@ -125,13 +136,13 @@ def _plan_step(state: _PlanState, step: Step) -> StepPlan:
             image.replicas.add(step.to)
         return _decided(step, outcome, f"{source} -> {step.to}")
     if isinstance(step, ImportStep):
-        image = state.images[step.image]
-        if step.media not in image.replicas:
+        image = next((i for i in state.images[step.image].values() if step.media in i.replicas), None)
+        if image is None:
             return StepPlan(step.index, step.op, Decision.FAIL, int(Status.NO_IMAGES_PROCESSED),
                             f"no replica of {step.image} reached {step.media} (the replication failed)", step.media)
         outcome = dte.decide_import(state.domain_settings(step.media), image.image_on, state.hosts[step.media])
         if not outcome.fails:
-            state.images[step.image] = _PlannedImage(state.domain_of[step.media], image.image_on, [step.media])
+            state.images[step.image][state.domain_of[step.media]] = _PlannedImage(image.image_on, [step.media])
         return _decided(step, outcome, step.media)
     if isinstance(step, SyntheticStep):
         return _plan_synthetic(state, step)
@@ -145,26 +156,22 @@ def _plan_backup(state: _PlanState, step: BackupStep) -> StepPlan:
         outcome = dte.decide_universal_share_backup(settings, media)
     else:
         outcome = dte.decide_backup(settings, state.hosts[step.client], media)
-    if step.alias:
-        state.images[step.alias] = None if outcome.fails else _PlannedImage(
-            state.domain_of[step.media], dte.image_dte_mode(outcome.encrypts, media).is_on, [step.media]
-        )
+    made = None if outcome.fails else _PlannedImage(dte.image_dte_mode(outcome.encrypts, media).is_on, [step.media])
+    state.made(step.alias, state.domain_of[step.media], made)
     return _decided(step, outcome, f"{step.client} -> {step.media}")
 
 
 def _plan_synthetic(state: _PlanState, step: SyntheticStep) -> StepPlan:
-    for alias in step.images:
-        if state.images.get(alias) is None:
+    components = [state.image(alias, step) for alias in step.images]
+    for alias, component in zip(step.images, components):
+        if component is None:
             return _missing(step, alias)
-    components = [state.images[a] for a in step.images]
     media_names = list(dict.fromkeys([*(c.media[0] for c in components), step.media]))
     outcome = dte.decide_synthetic(
         state.domain_settings(step.media), [c.image_on for c in components], [state.hosts[m] for m in media_names]
     )
-    if step.alias:
-        state.images[step.alias] = None if outcome.fails else _PlannedImage(
-            state.domain_of[step.media], dte.image_dte_mode(outcome.encrypts, state.hosts[step.media]).is_on, [step.media]
-        )
+    made = None if outcome.fails else _PlannedImage(dte.image_dte_mode(outcome.encrypts, state.hosts[step.media]).is_on, [step.media])
+    state.made(step.alias, state.domain_of[step.media], made)
     return _decided(step, outcome, f"{', '.join(media_names[:-1])} -> {step.media}")
 
 

@@ -40,6 +40,7 @@ from fabric.model import (
     Step,
     SyntheticStep,
     VerifyStep,
+    step_domain,
 )
 from fabric.network import RelayNetwork
 from fabric.pki import DomainCA
@@ -121,8 +122,8 @@ class Fabric:
         self.network = RelayNetwork(capture=capture) if (needs_relays if relays is None else relays) else None
         self.daemons: dict[str, Daemon] = {}
         self.bus: Bus | None = None
-        self.aliases: dict[str, str] = {}  # image alias -> backup id
-        self.alias_domain: dict[str, str] = {}
+        self.aliases: dict[str, str] = {}  # image alias -> backup id (kept by an import)
+        self.alias_domains: dict[str, list[str]] = {}  # image alias -> domains holding it, home first
 
     @property
     def route(self) -> Route:
@@ -222,7 +223,7 @@ class Fabric:
             if image not in self.aliases:
                 raise StepFailed(int(Status.NO_ENTITY_FOUND), f"image {image} does not exist: the step that should have made it failed")
             backup_id = self.aliases[image]
-            domain = self.alias_domain[image]
+            domain = step_domain(self.scenario, step, self.alias_domains[image])
             if isinstance(step, RestoreStep):
                 request = JobRequest("restore", step.index, client=step.to, media=step.media, backup_id=backup_id)
             elif isinstance(step, DuplicateStep):
@@ -233,7 +234,6 @@ class Fabric:
                 request = JobRequest("replicate", step.index, media=step.media, target=step.to,
                                      target_domain=hosts[step.to].domain, backup_id=backup_id)
             elif isinstance(step, ImportStep):
-                domain = hosts[step.media].domain
                 request = JobRequest("import", step.index, media=step.media, backup_id=backup_id)
             elif isinstance(step, SyntheticStep):
                 missing = [a for a in step.images if a not in self.aliases]
@@ -245,9 +245,9 @@ class Fabric:
         result = JobResult.from_json(await self.ask(domain, "run_job", request.as_json()))
         alias = getattr(step, "alias", None)
         if result.status == 0 and alias:
-            self.aliases[alias], self.alias_domain[alias] = result.backup_id, domain
+            self.aliases[alias], self.alias_domains[alias] = result.backup_id, [domain]
         if result.status == 0 and isinstance(step, ImportStep):
-            self.alias_domain[step.image] = domain  # from now on the image is used in the importing domain
+            self.alias_domains[step.image].append(domain)
         return result
 
     async def _admin_step(self, step: Step) -> str:
@@ -266,7 +266,7 @@ class Fabric:
         if isinstance(step, ImageDteModeStep):
             if step.image not in self.aliases:
                 raise StepFailed(int(Status.NO_ENTITY_FOUND), f"image {step.image} does not exist")
-            changed = await self.ask(self.alias_domain[step.image], "set_image_dte_mode",
+            changed = await self.ask(step_domain(self.scenario, step, self.alias_domains[step.image]), "set_image_dte_mode",
                                      {"backup_id": self.aliases[step.image], "mode": step.mode.value, "actor": actor})
             return f"image {step.image}: DTE mode {changed['before']} -> {changed['after']}"
         if isinstance(step, MutateStep):
