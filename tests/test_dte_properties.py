@@ -56,7 +56,7 @@ from fabric.dte import (
 from fabric.status import Status, for_dte_failure
 
 # Local to this file: other test modules keep their own Hypothesis settings.
-PROFILE = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROFILE = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 VERSIONS = ["8.3", "9.0", "9.1", "10.0", "10.0.0.1", "10.4", "10.5", "11.0"]
 DTE_MIN = Version.parse("9.1")
