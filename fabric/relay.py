@@ -78,8 +78,10 @@ class Relay:
         log.info("relay cut", port=self.port)
 
     async def heal(self) -> None:
-        """Accept connections again, on the same port."""
+        """Clear every fault (cut, cut_after, delay) and accept connections again, on the same port."""
         self._is_cut = False
+        self._upstream_budget = None
+        self._delay = 0.0
         if self._server is None:
             await self._listen()
         log.info("relay healed", port=self.port)

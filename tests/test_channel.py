@@ -379,9 +379,10 @@ async def test_cut_relay_refuses_connections_until_healed(pki):
         relay = await Relay.start("127.0.0.1", server.port)
         try:
             relay.cut()
+            relay.cut_after(10)
             with pytest.raises(ConnectFailed):
                 await open_leg("127.0.0.1", relay.port, header(DteMode.ON), pki.web1, "TLSv1.3", 5)
-            await relay.heal()
+            await relay.heal()  # clears cut_after too
             leg = await open_leg("127.0.0.1", relay.port, header(DteMode.ON), pki.web1, "TLSv1.3", 5)
             assert await send_all(leg, b"after heal") == b"ack"
             await leg.close()
