@@ -185,7 +185,7 @@ class Daemon:
         self.running = False
         await self._close_legs()
         if self.bus:
-            await self.bus.crash() if hasattr(self.bus, "crash") else self.bus.stop()
+            await self.bus.abort()
             self.bus = None
         await self.on_stop()
         self.log.warning("daemon crashed")
@@ -211,7 +211,10 @@ class Daemon:
             return message.reply("error", {"reason": f"{self.name} has no command {message.kind!r}"})
         try:
             result = await handler(message.body)
-        except JobFailure as failure:
+        except Exception as exc:  # storage, stream and channel errors are job statuses here
+            failure = failure_of(exc, self.name)
+            if not isinstance(exc, JobFailure):
+                self.log.warning("command failed", kind=message.kind, status=failure.status, reason=failure.reason)
             return message.reply(FAILED_KIND, {"status": failure.status, "reason": failure.reason})
         return message.reply(OK_KIND, result or {})
 

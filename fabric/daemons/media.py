@@ -6,8 +6,10 @@ servers (duplication, replication), and reads them back for verify and import.
 
 from __future__ import annotations
 
+import asyncio
+
 from fabric.channel import Leg
-from fabric.daemons.base import Daemon, failure_of
+from fabric.daemons.base import Daemon
 from fabric.datastream import image_checksums, merge_images, receive_image, send_image, send_metadata
 from fabric.dte import DteMode, MediaMode, Role, Version
 from fabric.storage import DiskStorage
@@ -53,13 +55,11 @@ class MediaServer(Daemon):
             pending = self.storage.new_copy(body["name"])
             try:
                 with pending.open_image() as out:
-                    entries = merge_images(sources, out)
+                    entries = await asyncio.to_thread(merge_images, sources, out)
                 path = pending.commit()
             except BaseException:
                 pending.discard()
                 raise
-        except Exception as exc:
-            raise failure_of(exc, self.name) from None
         finally:
             for name in body["components"]:
                 self.storage.delete(name)
@@ -70,30 +70,22 @@ class MediaServer(Daemon):
 
     async def cmd_send_copy(self, body: dict) -> dict:
         """Send a stored copy to a client (restore) or a media server (duplication, replication)."""
-        try:
-            image = self.storage.image_file(body["copy"])
-        except Exception as exc:
-            raise failure_of(exc, self.name) from None
+        image = self.storage.image_file(body["copy"])
         return await self.send_leg(body["job_id"], body["leg"], DteMode(body["dte"]), body["receiver"], body["port"],
                                    lambda leg: send_image(leg, image), receiver_is_client=body.get("receiver_is_client", False))
 
     async def cmd_send_catalog_info(self, body: dict) -> dict:
         """Verify and import: read the copy back, hash it, send what was found to the primary."""
-        try:
-            files = [e.__dict__ for e in image_checksums(self.storage.image_file(body["copy"]))]
-            meta = self.storage.read_meta(body["copy"]) if body.get("with_meta") else None
-        except Exception as exc:
-            raise failure_of(exc, self.name) from None
+        image = self.storage.image_file(body["copy"])
+        files = [e.__dict__ for e in await asyncio.to_thread(image_checksums, image)]
+        meta = self.storage.read_meta(body["copy"]) if body.get("with_meta") else None
         payload = {"files": files, "meta": meta}
         return await self.send_leg(body["job_id"], body["leg"], DteMode(body["dte"]), body["receiver"], body["port"],
                                    lambda leg: _send_metadata_counted(leg, payload))
 
     async def cmd_read_meta(self, body: dict) -> dict:
         """The header of a replica that arrived from another domain (AIR import event)."""
-        try:
-            return {"meta": self.storage.read_meta(body["copy"]), "path": str(self.storage.root / body["copy"])}
-        except Exception as exc:
-            raise failure_of(exc, self.name) from None
+        return {"meta": self.storage.read_meta(body["copy"]), "path": str(self.storage.root / body["copy"])}
 
     async def cmd_delete_copy(self, body: dict) -> dict:
         self.storage.delete(body["copy"])
