@@ -31,7 +31,8 @@ SCHEMA_VERSION = 1
 DEFAULT_DOMAIN = "default"
 
 SCHEDULE_TYPES = ("full", "incremental")
-JOB_TYPES = ("backup", "restore", "duplicate", "verify", "replicate", "import", "synthetic")
+# "policy" is the parent job of a policy run (its children are the backup and the SLP operations).
+JOB_TYPES = ("backup", "restore", "duplicate", "verify", "replicate", "import", "synthetic", "policy")
 # Reference §11.5; "suspended" is not simulated.
 JOB_STATES = ("queued", "active", "waiting_for_retry", "incomplete", "done")
 # A host's DTE setting: DTE_CLIENT_MODE on a client (§4), MEDIA_DTE_MODE on a media server (§5).

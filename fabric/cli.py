@@ -162,6 +162,14 @@ def render_run(report) -> str:
         rows.append((str(s.step), s.op, str(s.job_id or "-"), "-" if s.status is None else str(s.status), s.dte_mode or "-",
                      tls, f"{s.bytes / 1e6:.1f}" if s.bytes else "-", f"{s.seconds:.2f}" if s.seconds else "-",
                      {None: "-", True: "yes", False: "NO"}[s.verified], s.expect or "-", detail))
+        for child in s.children:
+            rows.append(("", f"  {child['op']}", str(child["job_id"] or "-"), str(child["status"]), child["dte_mode"] or "-",
+                         child["tls"]["version"] if child["tls"] else "-", f"{child['bytes'] / 1e6:.1f}" if child["bytes"] else "-",
+                         f"{child['seconds']:.2f}", {None: "-", True: "yes", False: "NO"}[child["verified"]], "", child["reason"]))
+        if s.copies:
+            copies = ", ".join(f"copy {c['copy']} on {c['media_server']} (copy DTE {c['copy_dte_mode']}, hierarchical {c['hierarchical_dte_mode']})"
+                               for c in s.copies)
+            rows.append(("", "", "", "", "", "", "", "", "", "", f"image DTE {s.image_dte_mode or '?'}; {copies}" if s.image_dte_mode else copies))
     verdict = "all expectations met" if report.ok else "SOME EXPECTATIONS UNMET"
     return f"run: {report.scenario} ({verdict}, {report.seconds:.1f} s)\n" + table(rows)
 

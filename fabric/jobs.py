@@ -10,6 +10,17 @@ from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass(frozen=True)
+class PolicyOperation:
+    """A lifecycle operation as the primary runs it: where to, and (replication) which
+    domain and primary import it there."""
+
+    kind: str  # duplicate | replicate
+    target: str
+    target_domain: str | None = None
+    target_primary: str | None = None
+
+
+@dataclass(frozen=True)
 class JobRequest:
     op: str  # backup | restore | duplicate | verify | replicate | import | synthetic
     step: int | None = None
@@ -21,6 +32,9 @@ class JobRequest:
     images: tuple[str, ...] = ()  # synthetic: a full and its incrementals, oldest first
     incremental: bool = False
     policy_type: str = "standard"
+    policy: str | None = None  # a policy run: the policy's name
+    operations: tuple[PolicyOperation, ...] = ()  # a policy run: its lifecycle, in order
+    parent_job_id: int | None = None
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -30,6 +44,7 @@ class JobRequest:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in body.items() if k in known}
         values["images"] = tuple(values.get("images") or ())
+        values["operations"] = tuple(PolicyOperation(**o) for o in values.get("operations") or ())
         return cls(**values)
 
 
@@ -57,16 +72,17 @@ class JobResult:
     verified: bool | None = None
     attempts: int = 1
     image_dte_mode: str | None = None
+    media_server: str | None = None  # where the job wrote (backup, copy, replica) or read from
     copies: tuple[CopyInfo, ...] = field(default_factory=tuple)
+    children: tuple["JobResult", ...] = field(default_factory=tuple)  # a parent job's child jobs
 
     def as_json(self) -> dict:
-        out = asdict(self)
-        out["copies"] = [asdict(c) for c in self.copies]
-        return out
+        return asdict(self)
 
     @classmethod
     def from_json(cls, body: dict) -> "JobResult":
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in body.items() if k in known}
         values["copies"] = tuple(CopyInfo(**c) for c in values.get("copies") or ())
+        values["children"] = tuple(JobResult.from_json(c) for c in values.get("children") or ())
         return cls(**values)

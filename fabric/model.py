@@ -102,6 +102,31 @@ class FaultKind(enum.Enum):
     BROKER_DOWN = "broker_down"  # the control plane stops (no host)
 
 
+class PolicyOpKind(enum.Enum):
+    DUPLICATE = "duplicate"
+    REPLICATE = "replicate"  # followed by an import in the target domain (AIR)
+
+
+@dataclass(frozen=True)
+class PolicyOp:
+    """One secondary operation of a storage lifecycle policy (reference §11.3)."""
+
+    kind: PolicyOpKind
+    to: str  # destination media server
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A backup policy with its storage lifecycle: the backup, then each operation in order,
+    run by the primary as child jobs of one parent job."""
+
+    name: str
+    client: str
+    media: str
+    operations: tuple[PolicyOp, ...] = ()
+    policy_type: PolicyType = PolicyType.STANDARD
+
+
 @dataclass(frozen=True)
 class Step:
     """Fields every step has. `index` counts from 1 over all steps."""
@@ -121,6 +146,16 @@ class BackupStep(Step):
     kind: BackupKind = BackupKind.FULL
     policy_type: PolicyType = PolicyType.STANDARD
     op = "backup"
+
+
+@dataclass(frozen=True)
+class PolicyStep(Step):
+    """Run a policy now: its backup, then its lifecycle operations."""
+
+    policy: str
+    alias: str | None = None
+    kind: BackupKind = BackupKind.FULL
+    op = "policy"
 
 
 @dataclass(frozen=True)
@@ -220,6 +255,7 @@ class Scenario:
     steps: tuple[Step, ...]
     description: str = ""
     seed: int = 0
+    policies: dict[str, PolicySpec] = field(default_factory=dict)
 
     def domain_of(self, host: str) -> DomainSpec:
         return self.domains[self.hosts[host].domain]
@@ -236,6 +272,8 @@ def step_domain(scenario: Scenario, step: Step, image_domains: list[str]) -> str
         return hosts[step.to].domain
     if isinstance(step, (BackupStep, ImportStep, SyntheticStep)):
         return hosts[step.media].domain
+    if isinstance(step, PolicyStep):
+        return hosts[scenario.policies[step.policy].media].domain
     if isinstance(step, (VerifyStep, ReplicateStep)) and step.media:
         return hosts[step.media].domain
     return image_domains[0] if image_domains else next(iter(scenario.domains))

@@ -164,8 +164,11 @@ class Primary(Daemon):
     async def run_job(self, request: JobRequest) -> JobResult:
         """One job with the domain's retry policy: a new attempt re-decides DTE (settings may
         have changed), a DTE failure is final."""
+        if request.op == "policy":
+            return await self.run_policy(request)
         job = self.catalog.create_job(request.op, state="queued", step=request.step, client=request.client,
-                                      media_server=request.media, target=request.target, backup_id=request.backup_id)
+                                      media_server=request.media, target=request.target, backup_id=request.backup_id,
+                                      parent_job_id=request.parent_job_id)
         log = self.log.bind(job_id=job.job_id, op=request.op)
         started = time.time()
         run = getattr(self, f"_run_{request.op}")
@@ -194,6 +197,43 @@ class Primary(Daemon):
             )
             log.info("job done", status=result.status, dte_mode=result.dte_mode, bytes=result.bytes, attempts=attempt)
             return result
+
+    async def run_policy(self, request: JobRequest) -> JobResult:
+        """A policy run as NetBackup shows it: a parent job (no DTE mode of its own, §6.9)
+        whose children are the backup and then each lifecycle operation (nbstserv). Each
+        secondary operation is decided when it runs, with the settings of that moment."""
+        parent = self.catalog.create_job("policy", state="active", step=request.step, client=request.client,
+                                         media_server=request.media, reason=f"policy {request.policy}")
+        started = time.time()
+        child = replace(request, op="backup", operations=(), parent_job_id=parent.job_id)
+        children = [await self.run_job(child)]
+        backup = children[0]
+        for operation in request.operations if backup.status == 0 else ():
+            if operation.kind == "duplicate":
+                children.append(await self.run_job(JobRequest("duplicate", request.step, target=operation.target,
+                                                              backup_id=backup.backup_id, parent_job_id=parent.job_id)))
+                continue
+            replicated = await self.run_job(JobRequest("replicate", request.step, target=operation.target,
+                                                       target_domain=operation.target_domain, backup_id=backup.backup_id,
+                                                       parent_job_id=parent.job_id))
+            children.append(replicated)
+            if replicated.status == 0:
+                # The import runs in the target domain, by its primary (AIR, §6.4, §11.4).
+                body = JobRequest("import", request.step, media=operation.target, backup_id=backup.backup_id).as_json()
+                try:
+                    children.append(JobResult.from_json(await self.call(operation.target_primary, "run_job", body,
+                                                                        timeout=CALL_TIMEOUT, domain=operation.target_domain)))
+                except JobFailure as failure:
+                    children.append(JobResult(None, "import", failure.status, failure.reason))
+        # The parent ends with the first failure of its children, as the Activity Monitor shows it.
+        failed = next((c for c in children if c.status != 0), None)
+        status, reason = (failed.status, f"{failed.op} failed: {failed.reason}") if failed else (0, f"policy {request.policy}: {len(children)} jobs")
+        ended = time.time()
+        self.catalog.update_job(parent.job_id, state="done", status=status, reason=reason, ended=ended,
+                                backup_id=backup.backup_id, bytes=sum(c.bytes for c in children))
+        return JobResult(parent.job_id, "policy", status, reason, backup_id=backup.backup_id,
+                         bytes=sum(c.bytes for c in children), seconds=round(ended - started, 4),
+                         image_dte_mode=backup.image_dte_mode, copies=self._copies(backup.backup_id), children=tuple(children))
 
     def decided(self, outcome: Outcome) -> DteMode:
         """The job's DTE mode, or the job fails here, before any connection (nbjm, §8.2)."""
@@ -479,8 +519,13 @@ class Primary(Daemon):
 
     def _result(self, job_id: int, req: JobRequest, outcome: Outcome, mode: DteMode, moved: dict, backup_id: str | None,
                 copy: int | None, *, verified: bool | None = None, image_mode: DteMode | None = None) -> JobResult:
-        copies = tuple(CopyInfo(c.copy_number, c.media_server, c.copy_dte_mode.value, c.hierarchical_dte_mode.value)
-                       for c in self.catalog.copies(backup_id)) if backup_id else ()
         return JobResult(job_id, req.op, 0, outcome.reason, decision=outcome.decision.value, dte_mode=mode.value,
                          backup_id=backup_id, copy=copy, bytes=moved.get("bytes", 0), tls=moved.get("tls"),
-                         verified=verified, image_dte_mode=image_mode.value if image_mode else None, copies=copies)
+                         verified=verified, image_dte_mode=image_mode.value if image_mode else None,
+                         media_server=req.target or req.media, copies=self._copies(backup_id))
+
+    def _copies(self, backup_id: str | None) -> tuple[CopyInfo, ...]:
+        if not backup_id:
+            return ()
+        return tuple(CopyInfo(c.copy_number, c.media_server, c.copy_dte_mode.value, c.hierarchical_dte_mode.value)
+                     for c in self.catalog.copies(backup_id))

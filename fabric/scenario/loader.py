@@ -35,6 +35,10 @@ from fabric.model import (
     ImportStep,
     Location,
     MutateStep,
+    PolicyOp,
+    PolicyOpKind,
+    PolicySpec,
+    PolicyStep,
     PolicyType,
     ReplicateStep,
     RestoreStep,
@@ -204,7 +208,10 @@ def _suggest(word: str, choices) -> str:
 # The scenario
 # --------------------------------------------------------------------------------------
 
-TOP_KEYS = ("name", "description", "seed", "global_dte_mode", "dte_ignore_image_mode", "retry", "domains", "hosts", "steps")
+TOP_KEYS = ("name", "description", "seed", "global_dte_mode", "dte_ignore_image_mode", "retry", "domains", "hosts",
+            "policies", "steps")
+POLICY_KEYS = ("client", "media", "operations", "policy_type")
+POLICY_OP_KEYS = ("to",)
 DOMAIN_KEYS = ("global_dte_mode", "dte_ignore_image_mode", "trusts", "retry")
 HOST_KEYS = ("role", "version", "dte_mode", "domain", "data", "profile")
 DATA_KEYS = ("files", "size", "path")
@@ -212,6 +219,7 @@ RETRY_KEYS = ("attempts", "delay")
 EXPECT_KEYS = ("status", "fails", "dte", "verified")
 STEP_KEYS: dict[str, tuple[str, ...]] = {
     "backup": ("client", "media", "as", "kind", "policy_type"),
+    "policy": ("name", "as", "kind"),
     "restore": ("image", "to", "from"),
     "duplicate": ("image", "to", "from"),
     "verify": ("image", "media"),
@@ -302,8 +310,64 @@ class _ScenarioBuilder:
         domains = self.domains(top)
         hosts = self.hosts(top["hosts"][1], domains)
         self.check_primaries(top["hosts"][1], hosts, domains)
-        steps = self.steps(top["steps"][1], domains, hosts)
-        return Scenario(name=name, path=r.path, domains=domains, hosts=hosts, steps=tuple(steps), description=description, seed=seed)
+        policies = self.policies(top["policies"][1], domains, hosts) if "policies" in top else {}
+        steps = self.steps(top["steps"][1], domains, hosts, policies)
+        return Scenario(name=name, path=r.path, domains=domains, hosts=hosts, steps=tuple(steps), description=description,
+                        seed=seed, policies=policies)
+
+    # -- storage lifecycle policies -----------------------------------------------------
+
+    def policies(self, node: Node, domains: dict[str, DomainSpec], hosts: dict[str, HostSpec]) -> dict[str, PolicySpec]:
+        r = self.r
+        out = {}
+        for name, _, value in r.entries(node, "policies"):
+            key = f"policies.{name}"
+            keys = r.mapping(value, key, POLICY_KEYS)
+            ends = {}
+            for end, role in (("client", Role.CLIENT), ("media", Role.MEDIA)):
+                if end not in keys:
+                    raise r.error(value, f"{key}.{end}", "missing")
+                ends[end] = self.policy_host(keys[end][1], f"{key}.{end}", hosts, role)
+            home = hosts[ends["media"]].domain
+            if hosts[ends["client"]].domain != home:
+                raise r.error(value, key, f"client {ends['client']} and media {ends['media']} are in different domains")
+            operations = []
+            if "operations" in keys:
+                for n, op_node in enumerate(r.sequence(keys["operations"][1], f"{key}.operations"), start=1):
+                    operations.append(self.policy_op(op_node, f"{key}.operations[{n}]", hosts, domains, home))
+            policy_type = r.choice(keys["policy_type"][1], f"{key}.policy_type", PolicyType) if "policy_type" in keys else PolicyType.STANDARD
+            out[name] = PolicySpec(name, ends["client"], ends["media"], tuple(operations), policy_type)
+        return out
+
+    def policy_host(self, node: Node, key: str, hosts: dict[str, HostSpec], role: Role) -> str:
+        name = self.r.name(node, key)
+        if name not in hosts:
+            raise self.r.error(node, key, f"unknown host {name!r}{_suggest(name, hosts)}; hosts: {', '.join(hosts)}")
+        if hosts[name].role is not role:
+            raise self.r.error(node, key, f"{name} is a {hosts[name].role.value}, not a {role.value}")
+        return name
+
+    def policy_op(self, node: Node, key: str, hosts: dict[str, HostSpec], domains: dict[str, DomainSpec], home: str) -> PolicyOp:
+        r = self.r
+        kinds = tuple(k.value for k in PolicyOpKind)
+        keys = r.mapping(node, key, kinds)
+        if len(keys) != 1:
+            raise r.error(node, key, f"an operation is exactly one of: {', '.join(kinds)}")
+        kind_name, (_, args_node) = next(iter(keys.items()))
+        kind = PolicyOpKind(kind_name)
+        args = r.mapping(args_node, f"{key}.{kind_name}", POLICY_OP_KEYS)
+        if "to" not in args:
+            raise r.error(args_node, f"{key}.{kind_name}.to", "missing")
+        to = self.policy_host(args["to"][1], f"{key}.{kind_name}.to", hosts, Role.MEDIA)
+        target = hosts[to].domain
+        if kind is PolicyOpKind.DUPLICATE and target != home:
+            raise r.error(args["to"][1], f"{key}.{kind_name}.to", f"{to} is in domain {target!r}; a duplication stays in {home!r} (use replicate)")
+        if kind is PolicyOpKind.REPLICATE:
+            if target == home:
+                raise r.error(args["to"][1], f"{key}.{kind_name}.to", f"{to} is in the policy's own domain; replicate goes to another domain")
+            if home not in domains[target].trusts:
+                raise r.error(args["to"][1], f"{key}.{kind_name}.to", f"domain {target!r} does not trust {home!r}; add `trusts: [{home}]` to domains.{target}")
+        return PolicyOp(kind, to)
 
     # -- domains ------------------------------------------------------------------------
 
@@ -440,12 +504,13 @@ class _ScenarioBuilder:
 
     # -- steps --------------------------------------------------------------------------
 
-    def steps(self, node: Node, domains: dict[str, DomainSpec], hosts: dict[str, HostSpec]) -> list[Step]:
+    def steps(self, node: Node, domains: dict[str, DomainSpec], hosts: dict[str, HostSpec],
+              policies: dict[str, PolicySpec]) -> list[Step]:
         r = self.r
         items = r.sequence(node, "steps")
         if not items:
             raise r.error(node, "steps", "list at least one step")
-        checker = _StepChecker(r, domains, {name: _HostState(spec) for name, spec in hosts.items()})
+        checker = _StepChecker(r, domains, {name: _HostState(spec) for name, spec in hosts.items()}, policies)
         return [checker.step(index, item) for index, item in enumerate(items, start=1)]
 
 
@@ -456,10 +521,12 @@ def _empty(node: Node) -> bool:
 class _StepChecker:
     """Builds each step and checks it against the hosts, images and domains so far."""
 
-    def __init__(self, reader: _Reader, domains: dict[str, DomainSpec], hosts: dict[str, _HostState]):
+    def __init__(self, reader: _Reader, domains: dict[str, DomainSpec], hosts: dict[str, _HostState],
+                 policies: dict[str, PolicySpec]):
         self.r = reader
         self.domains = domains
         self.hosts = hosts
+        self.policies = policies
         self.images: dict[str, list[str]] = {}  # alias -> domains holding it (made in, then imported into)
         self.replicas: set[tuple[str, str]] = set()  # (alias, media server) written by replicate
 
@@ -562,6 +629,22 @@ class _StepChecker:
         policy = r.choice(args["policy_type"][1], f"{key}.policy_type", PolicyType) if "policy_type" in args else PolicyType.STANDARD
         alias = self.new_alias(args, key, domain)
         return BackupStep(**base, client=client, media=media, alias=alias, kind=kind, policy_type=policy)
+
+    def _policy(self, node, key, args, base) -> Step:
+        r = self.r
+        name_node = self.required(node, key, args, "name")[1]
+        name = r.name(name_node, f"{key}.name")
+        if name not in self.policies:
+            known = ", ".join(self.policies) or "none (add a `policies:` section)"
+            raise r.error(name_node, f"{key}.name", f"no policy {name!r}{_suggest(name, self.policies)}; policies: {known}")
+        policy = self.policies[name]
+        kind = r.choice(args["kind"][1], f"{key}.kind", BackupKind) if "kind" in args else BackupKind.FULL
+        alias = self.new_alias(args, key, self.hosts[policy.media].spec.domain)
+        if alias:
+            for op in policy.operations:  # a replication is followed by its import
+                if op.kind is PolicyOpKind.REPLICATE:
+                    self.images[alias].append(self.hosts[op.to].spec.domain)
+        return PolicyStep(**base, policy=name, alias=alias, kind=kind)
 
     def _restore(self, node, key, args, base) -> Step:
         alias = self.image(node, key, args)

@@ -15,6 +15,8 @@ from fabric.model import (
     DuplicateStep,
     ImageDteModeStep,
     ImportStep,
+    PolicyOpKind,
+    PolicyStep,
     PolicyType,
     ReplicateStep,
     RestoreStep,
@@ -36,15 +38,19 @@ class StepPlan:
     status: int
     reason: str
     subject: str = ""
+    children: tuple["StepPlan", ...] = ()  # a policy run: its backup and lifecycle operations
 
     def as_json(self) -> dict:
-        return {
+        out = {
             "step": self.step,
             "op": self.op,
             "decision": self.decision.value if self.decision else None,
             "status": self.status,
             "reason": self.reason,
         }
+        if self.children:
+            out["children"] = [{k: v for k, v in c.as_json().items() if k != "step"} | {"on": c.subject} for c in self.children]
+        return out
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,8 @@ def _plan_step(state: _PlanState, step: Step) -> StepPlan:
         return StepPlan(step.index, step.op, None, 0, f"image {step.image} DTE mode set {step.mode.value.capitalize()}", step.image)
     if isinstance(step, BackupStep):
         return _plan_backup(state, step)
+    if isinstance(step, PolicyStep):
+        return _plan_policy(state, step)
     image_name = getattr(step, "image", None)
     image = state.image(image_name, step) if image_name else None
     if image_name is not None and image is None:
@@ -150,15 +158,51 @@ def _plan_step(state: _PlanState, step: Step) -> StepPlan:
 
 
 def _plan_backup(state: _PlanState, step: BackupStep) -> StepPlan:
-    settings = state.domain_settings(step.media)
-    media = state.hosts[step.media]
-    if step.policy_type is PolicyType.UNIVERSAL_SHARE:
-        outcome = dte.decide_universal_share_backup(settings, media)
-    else:
-        outcome = dte.decide_backup(settings, state.hosts[step.client], media)
-    made = None if outcome.fails else _PlannedImage(dte.image_dte_mode(outcome.encrypts, media).is_on, [step.media])
+    outcome, made = _backup_outcome(state, step.client, step.media, step.policy_type)
     state.made(step.alias, state.domain_of[step.media], made)
     return _decided(step, outcome, f"{step.client} -> {step.media}")
+
+
+def _backup_outcome(state: _PlanState, client: str, media_name: str, policy_type: PolicyType) -> tuple[Outcome, _PlannedImage | None]:
+    settings = state.domain_settings(media_name)
+    media = state.hosts[media_name]
+    if policy_type is PolicyType.UNIVERSAL_SHARE:
+        outcome = dte.decide_universal_share_backup(settings, media)
+    else:
+        outcome = dte.decide_backup(settings, state.hosts[client], media)
+    made = None if outcome.fails else _PlannedImage(dte.image_dte_mode(outcome.encrypts, media).is_on, [media_name])
+    return outcome, made
+
+
+def _plan_policy(state: _PlanState, step: PolicyStep) -> StepPlan:
+    """The backup, then each lifecycle operation with the settings of that moment."""
+    policy = state.scenario.policies[step.policy]
+    outcome, image = _backup_outcome(state, policy.client, policy.media, policy.policy_type)
+    children = [_decided(step, outcome, f"{policy.client} -> {policy.media}", op="backup")]
+    home = state.domain_of[policy.media]
+    held = {home: image} if image else None
+    for op in policy.operations if image else ():
+        source = state.hosts[image.media[0]]
+        target = state.hosts[op.to]
+        if op.kind is PolicyOpKind.DUPLICATE:
+            decided = dte.decide_duplication(state.settings[home], image.image_on, source, target)
+            children.append(_decided(step, decided, f"{source.name} -> {op.to}", op="duplicate"))
+            if not decided.fails:
+                image.media.append(op.to)
+            continue
+        decided = dte.decide_replication(state.settings[home], image.image_on, source, target)
+        children.append(_decided(step, decided, f"{source.name} -> {op.to}", op="replicate"))
+        if decided.fails:
+            continue
+        imported = dte.decide_import(state.domain_settings(op.to), image.image_on, target)
+        children.append(_decided(step, imported, op.to, op="import"))
+        if not imported.fails:
+            held[state.domain_of[op.to]] = _PlannedImage(image.image_on, [op.to])
+    if step.alias:
+        state.images[step.alias] = held
+    failed = next((c for c in children if c.status), None)
+    status, reason = (failed.status, f"{failed.op} fails: {failed.reason}") if failed else (0, children[0].reason)
+    return StepPlan(step.index, step.op, outcome.decision, status, reason, f"policy {policy.name}", tuple(children))
 
 
 def _plan_synthetic(state: _PlanState, step: SyntheticStep) -> StepPlan:
@@ -200,8 +244,8 @@ def _apply_set(state: _PlanState, step: SetStep) -> StepPlan:
     return StepPlan(step.index, step.op, None, 0, f"domain {domain}: {', '.join(changes)}", domain)
 
 
-def _decided(step: Step, outcome: Outcome, subject: str) -> StepPlan:
-    return StepPlan(step.index, step.op, outcome.decision, status_of(outcome), outcome.reason, subject)
+def _decided(step: Step, outcome: Outcome, subject: str, op: str | None = None) -> StepPlan:
+    return StepPlan(step.index, op or step.op, outcome.decision, status_of(outcome), outcome.reason, subject)
 
 
 def _missing(step: Step, image: str) -> StepPlan:

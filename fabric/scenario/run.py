@@ -21,7 +21,7 @@ from fabric.daemons.client import Client
 from fabric.daemons.media import MediaServer
 from fabric.daemons.primary import Primary
 from fabric.dte import Role
-from fabric.jobs import JobRequest, JobResult
+from fabric.jobs import JobRequest, JobResult, PolicyOperation
 from fabric.model import (
     BackupKind,
     BackupStep,
@@ -33,6 +33,7 @@ from fabric.model import (
     ImageDteModeStep,
     ImportStep,
     MutateStep,
+    PolicyStep,
     ReplicateStep,
     RestoreStep,
     Scenario,
@@ -68,6 +69,7 @@ class StepReport:
     attempts: int | None = None
     image_dte_mode: str | None = None
     copies: list[dict] = field(default_factory=list)
+    children: list[dict] = field(default_factory=list)  # a policy run's child jobs
     unmet: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
@@ -211,6 +213,10 @@ class Fabric:
                      "decision", "attempts", "image_dte_mode"):
             setattr(report, name, getattr(result, name))
         report.copies = [asdict(c) for c in result.copies]
+        if result.children:
+            # A parent job has no DTE mode of its own (§6.9); the step shows its backup's.
+            report.children = [c.as_json() for c in result.children]
+            report.dte_mode, report.tls = result.children[0].dte_mode, result.children[0].tls
 
     async def _job_step(self, step: Step) -> JobResult:
         hosts = self.scenario.hosts
@@ -218,6 +224,14 @@ class Fabric:
             domain = hosts[step.media].domain
             request = JobRequest("backup", step.index, client=step.client, media=step.media,
                                  incremental=step.kind is BackupKind.INCREMENTAL, policy_type=step.policy_type.value)
+        elif isinstance(step, PolicyStep):
+            policy = self.scenario.policies[step.policy]
+            domain = hosts[policy.media].domain
+            operations = tuple(PolicyOperation(op.kind.value, op.to, hosts[op.to].domain, self.primary_of(hosts[op.to].domain))
+                               for op in policy.operations)
+            request = JobRequest("policy", step.index, client=policy.client, media=policy.media, policy=policy.name,
+                                 incremental=step.kind is BackupKind.INCREMENTAL, policy_type=policy.policy_type.value,
+                                 operations=operations)
         else:
             image = getattr(step, "image", None) or step.images[0]
             if image not in self.aliases:
@@ -248,6 +262,10 @@ class Fabric:
             self.aliases[alias], self.alias_domains[alias] = result.backup_id, [domain]
         if result.status == 0 and isinstance(step, ImportStep):
             self.alias_domains[step.image].append(domain)
+        if isinstance(step, PolicyStep) and alias and result.backup_id and result.children[0].status == 0:
+            self.aliases[alias] = result.backup_id
+            self.alias_domains[alias] = [domain] + [hosts[c.media_server].domain for c in result.children
+                                                    if c.op == "import" and c.status == 0]
         return result
 
     async def _admin_step(self, step: Step) -> str:
