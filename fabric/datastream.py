@@ -2,10 +2,16 @@
 
 On the wire each file is one JSON header frame then its content in frames; on disk a copy
 is the same sequence with a 4-byte length before each header (`image.dat`).
+
+The daemons of `fabric run` share one event loop, so file reads and disk writes on the data
+path happen in other threads: the sender reads the next chunk while the current one is on
+the wire, and the receiver hands chunks to its `out` (a storage.ImageWriter, which writes
+and syncs in a thread of its own) and only awaits its `drain()`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import struct
@@ -80,13 +86,25 @@ async def send_metadata(leg: FrameLeg, payload: dict) -> None:
 
 
 async def _send_content(leg: FrameLeg, f: BinaryIO, size: int) -> int:
+    """Send `size` bytes of `f`, reading the next chunk in a worker thread while this one is sent."""
+    if not size:
+        return 0
+    loop = asyncio.get_running_loop()
     left = size
-    while left:
-        chunk = f.read(min(CHUNK, left))
-        if not chunk:
-            raise StreamError("a file shrank while it was being sent")
-        await leg.send_frame(chunk)
-        left -= len(chunk)
+    reading = loop.run_in_executor(None, f.read, min(CHUNK, left))
+    try:
+        while left:
+            chunk = await reading
+            if not chunk:
+                raise StreamError("a file shrank while it was being sent")
+            left -= len(chunk)
+            if left:
+                reading = loop.run_in_executor(None, f.read, min(CHUNK, left))
+            await leg.send_frame(chunk)
+    except BaseException:
+        if not reading.done():  # let the read finish before the caller closes the file
+            await asyncio.shield(asyncio.wait([reading]))
+        raise
     return size
 
 
@@ -103,23 +121,39 @@ def _read_headers(f: BinaryIO):
 # -- receiving -------------------------------------------------------------------------
 
 
-async def receive_image(leg: FrameLeg, out: BinaryIO, hash_files: bool = False) -> tuple[list[FileEntry], int]:
+class ImageOut(Protocol):
+    """Where a received copy goes: any binary file; a storage.ImageWriter also has the
+    two coroutines, so the disk never blocks the event loop."""
+
+    def write(self, data: bytes) -> int: ...
+
+
+async def receive_image(leg: FrameLeg, out: ImageOut, hash_files: bool = False) -> tuple[list[FileEntry], int]:
     """Store the stream as an image.dat. The sender's checksums are kept as recorded;
-    with `hash_files` they are recomputed (a duplication must not trust a bad copy)."""
+    with `hash_files` they are recomputed (a duplication must not trust a bad copy).
+
+    When `out` has `drain()` and `finish()` (storage.ImageWriter), every write is followed
+    by `await out.drain()`, and the copy is written out and fsynced (`await out.finish()`)
+    before this returns."""
+    drain = getattr(out, "drain", None)
+    finish = getattr(out, "finish", None)
     entries, total = [], 0
     async for entry, chunks in _entries(leg):
         header = entry.header()
-        out.write(_LEN.pack(len(header)))
-        out.write(header)
+        out.write(_LEN.pack(len(header)) + header)
         digest = hashlib.sha256() if hash_files else None
         async for chunk in chunks:
             out.write(chunk)
+            if drain is not None:
+                await drain()
             if digest:
                 digest.update(chunk)
             total += len(chunk)
         if digest and digest.hexdigest() != entry.sha256:
             raise StreamError(f"{entry.path}: checksum differs from the source's")
         entries.append(entry)
+    if finish is not None:
+        await finish()
     return entries, total
 
 

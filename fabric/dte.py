@@ -101,7 +101,7 @@ class FailCause(enum.Enum):
 # Versions and host capability (reference §2 "Key version thresholds")
 # --------------------------------------------------------------------------------------
 
-_VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}$")
+_VERSION_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){0,3}")
 
 
 @dataclass(frozen=True, order=True)
@@ -111,7 +111,7 @@ class Version:
     @classmethod
     def parse(cls, text: str) -> "Version":
         text = str(text).strip()
-        if not _VERSION_RE.match(text):
+        if not _VERSION_RE.fullmatch(text):
             raise ValueError(f"not a NetBackup version: {text!r} (expected e.g. 9.0, 10.5 or 10.0.0.1)")
         parts = tuple(int(p) for p in text.split("."))
         while len(parts) > 1 and parts[-1] == 0:
@@ -322,7 +322,8 @@ def _global_rule(settings: DomainSettings, client: Host | None, media: list[Host
         # Automatic follows the global mode.
     if settings.global_mode is GlobalMode.PREFERRED_OFF:
         return _plain(f"global mode Preferred Off{_automatic(client)}")
-    return _encrypt(f"global mode {settings.global_mode.label}{_automatic(client)}; all hosts 9.1+ with DTE On")
+    hosts = "all hosts" if client is not None else "media servers"
+    return _encrypt(f"global mode {settings.global_mode.label}{_automatic(client)}; {hosts} 9.1+ with DTE On")
 
 
 def _automatic(client: Host | None) -> str:

@@ -408,7 +408,7 @@ ERROR_CASES = [
     ("primary-missing", "name: t\nhosts:  # <-\n  m1: {role: media}  # <-\n  c1: {role: client}\nsteps:\n  - backup: {client: c1, media: m1}\n",
      "hosts", "no primary"),
     ("two-primaries", "name: t\nhosts:\n  m1: {role: media}\n  p1: {role: primary}\n  c1: {role: client}\n  p2: {role: primary}  # <-\nsteps:\n  - backup: {client: c1, media: m1}\n",
-     "hosts", "more than one primary"),
+     "hosts.p2.role", "more than one primary"),
     ("bad-version", "name: t\nhosts:\n  p1: {role: primary}\n  m1: {role: media, version: 'ten'}  # <-\nsteps:\n  - set: {global_dte_mode: enforced}\n",
      "hosts.m1.version", "not a NetBackup version"),
     ("bad-version-in-set", BASE + "steps:\n  - set: {host: m1, version: 10.x}  # <-\n",

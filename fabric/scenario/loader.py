@@ -139,7 +139,7 @@ class _Reader:
 
     def name(self, node: Node, key: str) -> str:
         value = self.scalar(node, key)
-        if not _NAME_RE.match(value):
+        if not _NAME_RE.fullmatch(value):
             raise self.error(node, key, f"{value!r} is not a valid name (letters, digits, '.', '_', '-'; at most 63)")
         return value
 
@@ -248,7 +248,9 @@ def load_scenario(path: str | os.PathLike, profile_dirs: tuple[Path, ...] | None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ScenarioError(Location(shown, 1), "", f"not UTF-8 text (byte {exc.start})") from None
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ScenarioError(Location(shown, line, column), "", f"not UTF-8 text (byte {exc.start})") from None
     dirs = profile_dirs if profile_dirs is not None else default_profile_dirs(path)
     return parse_scenario(text, shown, dirs)
 
@@ -381,16 +383,14 @@ class _ScenarioBuilder:
             entries = r.entries(top["domains"][1], "domains")
             if not entries:
                 raise r.error(top["domains"][1], "domains", "name at least one domain")
+            names = [name for name, _, _ in entries]
             for name, _, node in entries:
-                out[name] = self.domain(name, r.mapping(node, f"domains.{name}", DOMAIN_KEYS) if not _empty(node) else {}, f"domains.{name}")
-            for domain in out.values():
-                for trusted in domain.trusts:
-                    if trusted not in out:
-                        raise r.error(top["domains"][1], f"domains.{domain.name}.trusts", f"unknown domain {trusted!r}; domains: {', '.join(out)}")
+                keys = r.mapping(node, f"domains.{name}", DOMAIN_KEYS) if not _empty(node) else {}
+                out[name] = self.domain(name, keys, f"domains.{name}", names)
             return out
         return {DEFAULT_DOMAIN: self.domain(DEFAULT_DOMAIN, top, "")}
 
-    def domain(self, name: str, keys: dict[str, tuple[Node, Node]], prefix: str) -> DomainSpec:
+    def domain(self, name: str, keys: dict[str, tuple[Node, Node]], prefix: str, names: list[str] = ()) -> DomainSpec:
         r = self.r
         dot = f"{prefix}." if prefix else ""
         settings = DomainSettings()
@@ -400,7 +400,14 @@ class _ScenarioBuilder:
             settings = replace(settings, ignore_image_mode=r.choice(keys["dte_ignore_image_mode"][1], f"{dot}dte_ignore_image_mode", IgnoreImageMode))
         trusts: tuple[str, ...] = ()
         if "trusts" in keys:
-            trusts = tuple(r.name(n, f"{dot}trusts") for n in r.sequence(keys["trusts"][1], f"{dot}trusts"))
+            trusted = []
+            for node in r.sequence(keys["trusts"][1], f"{dot}trusts"):
+                other = r.name(node, f"{dot}trusts")
+                if other not in names or other == name:
+                    valid = ", ".join(n for n in names if n != name) or "none"
+                    raise r.error(node, f"{dot}trusts", f"unknown domain {other!r}{_suggest(other, names)}; a domain trusts one of the others: {valid}")
+                trusted.append(other)
+            trusts = tuple(trusted)
         retry = RetryPolicy()
         if "retry" in keys:
             rk = r.mapping(keys["retry"][1], f"{dot}retry", RETRY_KEYS)
@@ -426,7 +433,10 @@ class _ScenarioBuilder:
         key = f"hosts.{name}"
         keys = r.mapping(node, key, HOST_KEYS)
         if "profile" in keys:
-            keys = {**self.profile(keys["profile"][1], f"{key}.profile"), **keys}
+            profile = self.profile(keys["profile"][1], f"{key}.profile")
+            if "data" in profile and "data" in keys:
+                keys["data"] = (keys["data"][0], _merge_mappings(profile["data"][1], keys["data"][1]))
+            keys = {**profile, **keys}
         if "role" not in keys:
             raise r.error(node, f"{key}.role", "missing; use one of: primary, media, client")
         role = r.choice(keys["role"][1], f"{key}.role", Role)
@@ -500,7 +510,8 @@ class _ScenarioBuilder:
             if members and not primaries:
                 raise self.r.error(node, "hosts", f"{where} has no primary server (a host with role: primary)")
             if len(primaries) > 1:
-                raise self.r.error(node, "hosts", f"{where} has more than one primary server: {', '.join(primaries)}")
+                second = hosts[primaries[1]].location
+                raise ScenarioError(second, f"hosts.{primaries[1]}.role", f"{where} has more than one primary server: {', '.join(primaries)}")
 
     # -- steps --------------------------------------------------------------------------
 
@@ -512,6 +523,15 @@ class _ScenarioBuilder:
             raise r.error(node, "steps", "list at least one step")
         checker = _StepChecker(r, domains, {name: _HostState(spec) for name, spec in hosts.items()}, policies)
         return [checker.step(index, item) for index, item in enumerate(items, start=1)]
+
+
+def _merge_mappings(base: Node, override: Node) -> Node:
+    """A profile's `data:` with the topology's own keys laid over it (each keeps its file/line)."""
+    if not (isinstance(base, MappingNode) and isinstance(override, MappingNode)):
+        return override
+    overridden = {k.value for k, _ in override.value if isinstance(k, ScalarNode)}
+    pairs = [(k, v) for k, v in base.value if not (isinstance(k, ScalarNode) and k.value in overridden)]
+    return MappingNode(override.tag, pairs + list(override.value), override.start_mark, override.end_mark)
 
 
 def _empty(node: Node) -> bool:
@@ -565,6 +585,10 @@ class _StepChecker:
         )
         if expect.fails is False and expect.status not in (None, 0):
             raise r.error(node, key, "fails: false contradicts a non-zero status")
+        if expect.fails is True and expect.status == 0:
+            raise r.error(node, key, "fails: true contradicts status 0")
+        if expect.fails is True and expect.dte is not None:
+            raise r.error(node, key, "a job that fails moves no data, so it has no DTE mode to expect")
         return expect
 
     # -- references ---------------------------------------------------------------------

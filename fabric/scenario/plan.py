@@ -110,18 +110,24 @@ def _plan_step(state: _PlanState, step: Step) -> StepPlan:
         return _apply_set(state, step)
     if isinstance(step, ImageDteModeStep):
         image = state.image(step.image, step)
-        if image is None:
-            return _missing(step, step.image)
+        if image is None:  # not a job: no decision, but the change finds nothing to change
+            return replace(_missing(step, step.image), decision=None)
         image.image_on = step.mode.is_on
         return StepPlan(step.index, step.op, None, 0, f"image {step.image} DTE mode set {step.mode.value.capitalize()}", step.image)
     if isinstance(step, BackupStep):
         return _plan_backup(state, step)
     if isinstance(step, PolicyStep):
         return _plan_policy(state, step)
+    if isinstance(step, ImportStep):
+        return _plan_import(state, step)
     image_name = getattr(step, "image", None)
     image = state.image(image_name, step) if image_name else None
     if image_name is not None and image is None:
         return _missing(step, image_name)
+    reads_copy = isinstance(step, (RestoreStep, DuplicateStep, VerifyStep, ReplicateStep))
+    if reads_copy and step.media is not None and step.media not in image.media:
+        return StepPlan(step.index, step.op, Decision.FAIL, int(Status.NO_ENTITY_FOUND),
+                        f"image {image_name} has no copy on {step.media}", step.media)
     if isinstance(step, RestoreStep):
         media = step.media or image.media[0]
         outcome = dte.decide_restore(state.domain_settings(media), image.image_on, state.hosts[step.to], [state.hosts[media]])
@@ -143,18 +149,22 @@ def _plan_step(state: _PlanState, step: Step) -> StepPlan:
         if not outcome.fails:
             image.replicas.add(step.to)
         return _decided(step, outcome, f"{source} -> {step.to}")
-    if isinstance(step, ImportStep):
-        image = next((i for i in state.images[step.image].values() if step.media in i.replicas), None)
-        if image is None:
-            return StepPlan(step.index, step.op, Decision.FAIL, int(Status.NO_IMAGES_PROCESSED),
-                            f"no replica of {step.image} reached {step.media} (the replication failed)", step.media)
-        outcome = dte.decide_import(state.domain_settings(step.media), image.image_on, state.hosts[step.media])
-        if not outcome.fails:
-            state.images[step.image][state.domain_of[step.media]] = _PlannedImage(image.image_on, [step.media])
-        return _decided(step, outcome, step.media)
     if isinstance(step, SyntheticStep):
         return _plan_synthetic(state, step)
     return StepPlan(step.index, step.op, None, 0, "", "")
+
+
+def _plan_import(state: _PlanState, step: ImportStep) -> StepPlan:
+    """The importing domain decides, with the image mode carried over by the replica."""
+    held = state.images.get(step.image) or {}
+    image = next((i for i in held.values() if step.media in i.replicas), None)
+    if image is None:
+        return StepPlan(step.index, step.op, Decision.FAIL, int(Status.NO_IMAGES_PROCESSED),
+                        f"no replica of {step.image} reached {step.media} (the replication failed)", step.media)
+    outcome = dte.decide_import(state.domain_settings(step.media), image.image_on, state.hosts[step.media])
+    if not outcome.fails:
+        held[state.domain_of[step.media]] = _PlannedImage(image.image_on, [step.media])
+    return _decided(step, outcome, step.media)
 
 
 def _plan_backup(state: _PlanState, step: BackupStep) -> StepPlan:
@@ -200,9 +210,13 @@ def _plan_policy(state: _PlanState, step: PolicyStep) -> StepPlan:
             held[state.domain_of[op.to]] = _PlannedImage(image.image_on, [op.to])
     if step.alias:
         state.images[step.alias] = held
+    # The parent job ends with its first failing child (and then, per the plan contract,
+    # its decision is `fail`); otherwise it shows its backup's decision.
     failed = next((c for c in children if c.status), None)
-    status, reason = (failed.status, f"{failed.op} fails: {failed.reason}") if failed else (0, children[0].reason)
-    return StepPlan(step.index, step.op, outcome.decision, status, reason, f"policy {policy.name}", tuple(children))
+    if failed:
+        return StepPlan(step.index, step.op, Decision.FAIL, failed.status, f"{failed.op} fails: {failed.reason}",
+                        f"policy {policy.name}", tuple(children))
+    return StepPlan(step.index, step.op, outcome.decision, 0, children[0].reason, f"policy {policy.name}", tuple(children))
 
 
 def _plan_synthetic(state: _PlanState, step: SyntheticStep) -> StepPlan:
@@ -216,7 +230,8 @@ def _plan_synthetic(state: _PlanState, step: SyntheticStep) -> StepPlan:
     )
     made = None if outcome.fails else _PlannedImage(dte.image_dte_mode(outcome.encrypts, state.hosts[step.media]).is_on, [step.media])
     state.made(step.alias, state.domain_of[step.media], made)
-    return _decided(step, outcome, f"{', '.join(media_names[:-1])} -> {step.media}")
+    sources = list(dict.fromkeys(c.media[0] for c in components))
+    return _decided(step, outcome, f"{', '.join(sources)} -> {step.media}")
 
 
 def _apply_set(state: _PlanState, step: SetStep) -> StepPlan:
