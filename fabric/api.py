@@ -10,7 +10,7 @@ import json
 import os
 import re
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -358,8 +358,10 @@ class PrimaryBackend(AdminBackend):
         return catalog
 
     def hosts(self) -> list[HostView]:
-        return [HostView(h.name, h.role, str(h.version), h.dte_mode.value if h.dte_mode else None, h.online)
-                for h in sorted(self.primary.hosts.values(), key=lambda h: h.name)]
+        # The registry holds the hosts that registered; the primary itself never does.
+        me = HostView(self.name, Role.PRIMARY, str(self.primary.config.version), None, self.primary.running)
+        return sorted([me, *(HostView(h.name, h.role, str(h.version), h.dte_mode.value if h.dte_mode else None, h.online)
+                             for h in self.primary.hosts.values())], key=lambda h: h.name)
 
     async def set_security(self, global_mode: GlobalMode | None, ignore: IgnoreImageMode | None, actor: str) -> SecurityProperties:
         self.catalog  # noqa: B018 - refuse before changing anything when the primary is down

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from fabric import admin
 from fabric.scenario.loader import ScenarioError, load_scenario
 from fabric.scenario.plan import Plan, plan_scenario
 
@@ -52,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--broker", metavar="URL", help="use this MQTT broker (mqtt://host:port) instead of the embedded one")
     run.add_argument("--capture", action="store_true", help="route every data leg through a relay that records the wire")
     run.add_argument("-v", "--verbose", action="store_true", help="daemon logs on the console too")
+    run.add_argument("--serve", action="store_true",
+                     help="after the steps, keep the fabric up with each primary's REST API until Ctrl-C")
     run.set_defaults(handler=cmd_run)
+
+    admin.register(sub)
     return parser
 
 
@@ -113,8 +118,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     log_file = state / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     logs.configure(log_file, args.verbose)
     progress = Progress(enabled=not args.json, total=len(scenario.steps))
+    on_step, keep = progress.update, None
+    if args.serve:
+        on_step, keep = serving(args, scenario, state, progress)
     try:
-        report = asyncio.run(run_scenario(scenario, state, broker_url=args.broker, capture=args.capture, on_step=progress.update))
+        report = asyncio.run(run_scenario(scenario, state, broker_url=args.broker, capture=args.capture, on_step=on_step, keep=keep))
     except OSError as exc:
         print(f"error: cannot run {scenario.path}: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -122,11 +130,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_json(), indent=2))
     else:
         progress.finish()
-        print(render_run(report))
+        if not args.serve:  # --serve printed the table before serving
+            print(render_run(report))
         print(f"\nstate: {report.state_dir}   logs: {log_file}")
         for domain, catalog in report.catalogs.items():
             print(f"catalog ({domain}): {catalog}")
     return EXIT_OK if report.ok else EXIT_UNMET
+
+
+def serving(args: argparse.Namespace, scenario, state: Path, progress: "Progress"):
+    """`fabric run --serve`: (on_step, keep) for run_scenario; keep prints the steps' table,
+    then serves each primary's API until Ctrl-C."""
+    from fabric.scenario.run import RunReport
+
+    reports = []
+
+    def on_step(step, report) -> None:
+        progress.update(step, report)
+        if report is not None:
+            reports.append(report)
+
+    async def keep(fabric) -> None:
+        out = sys.stderr if args.json else sys.stdout
+        if not args.json:
+            print(render_run(RunReport(scenario.name, str(state), list(reports))), file=out)
+        await admin.serve_fabric(list(fabric.daemons.values()), state, out)
+
+    return on_step, keep
 
 
 class Progress:
