@@ -838,7 +838,8 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         if exc.status < 400:
             raise
         headers = {k: exc.headers[k] for k in _PASSED_HEADERS if k in exc.headers}
-        return error_response(request, exc.status, exc.reason, headers)
+        message = f"the body is larger than {MAX_BODY // 1024} KiB" if exc.status == 413 else exc.reason
+        return error_response(request, exc.status, message, headers)
     except Exception:
         log.exception("api.internal_error", method=request.method, path=request.path)
         return error_response(request, 500, "internal error (see the primary's log)")
