@@ -7,6 +7,7 @@ after N bytes, and watched on the wire, without any daemon knowing.
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -25,6 +26,7 @@ def link_key(a: str, b: str) -> frozenset[str]:
 class LinkFaults:
     cut: bool = False
     cut_after: int | None = None
+    on_break: Callable[[], None] | None = None
 
 
 @dataclass
@@ -34,6 +36,7 @@ class RelayNetwork:
     capture: bool = False
     relays: dict[tuple[str, str, int], Relay] = field(default_factory=dict)
     faults: dict[frozenset[str], LinkFaults] = field(default_factory=dict)
+    host_faults: dict[str, LinkFaults] = field(default_factory=dict)  # every link of one host
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def route(self, sender: str, receiver: str, port: int) -> tuple[str, int]:
@@ -44,6 +47,8 @@ class RelayNetwork:
                 relay = await Relay.start("127.0.0.1", port, capture=self.capture)
                 self.relays[key] = relay
                 self._apply(relay, self.faults.get(link_key(sender, receiver)))
+                for host in (sender, receiver):
+                    self._apply(relay, self.host_faults.get(host))
             return "127.0.0.1", relay.port
 
     def relays_of(self, a: str, b: str) -> list[Relay]:
@@ -64,6 +69,27 @@ class RelayNetwork:
             self._apply(relay, faults)
         log.info("link cut", link=f"{a}<->{b}", after=after)
 
+    def break_host_after(self, host: str, after: int, on_break: Callable[[], None]) -> None:
+        """The next leg to or from `host` breaks after `after` bytes, then `on_break` runs
+        (once, whichever leg it is): a host dying mid-transfer."""
+        fired = False
+
+        def once() -> None:
+            nonlocal fired
+            self.host_faults.pop(host, None)
+            for (s, t, _), relay in self.relays.items():
+                if host in (s, t):
+                    relay.cut_after_cancel()
+            if not fired:
+                fired = True
+                on_break()
+
+        faults = LinkFaults(cut_after=after, on_break=once)
+        self.host_faults[host] = faults
+        for (s, t, _), relay in self.relays.items():
+            if host in (s, t):
+                self._apply(relay, faults)
+
     async def heal(self, a: str, b: str) -> None:
         self.faults.pop(link_key(a, b), None)
         for relay in self.relays_of(a, b):
@@ -77,7 +103,7 @@ class RelayNetwork:
         if faults.cut:
             relay.cut()
         if faults.cut_after is not None:
-            relay.cut_after(faults.cut_after)
+            relay.cut_after(faults.cut_after, faults.on_break)
 
     async def close(self) -> None:
         for relay in self.relays.values():

@@ -6,6 +6,7 @@ It records the bytes on the wire in each direction (proof of encryption) and cut
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 import enum
 
 import structlog
@@ -51,6 +52,7 @@ class Relay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._is_cut = False
         self._upstream_budget: int | None = None
+        self._on_break: Callable[[], None] | None = None
         self._delay = 0.0
 
     @classmethod
@@ -86,11 +88,18 @@ class Relay:
             await self._listen()
         log.info("relay healed", port=self.port)
 
-    def cut_after(self, nbytes: int) -> None:
-        """Forward `nbytes` more bytes upstream, then break that connection (once)."""
+    def cut_after(self, nbytes: int, on_break: Callable[[], None] | None = None) -> None:
+        """Forward `nbytes` more bytes upstream, then break that connection (once), and
+        call `on_break` (a crash injected mid-transfer uses it to kill the host too)."""
         if nbytes < 0:
             raise ValueError("nbytes must be >= 0")
         self._upstream_budget = nbytes
+        self._on_break = on_break
+
+    def cut_after_cancel(self) -> None:
+        """Withdraw a pending cut_after that has not struck yet."""
+        self._upstream_budget = None
+        self._on_break = None
 
     def delay(self, seconds: float) -> None:
         """Hold every chunk `seconds` before forwarding it, in both directions (0: no delay)."""
@@ -176,6 +185,9 @@ class Relay:
                 if breaking:
                     log.info("relay broke a connection", port=self.port)
                     link.abort()
+                    on_break, self._on_break = self._on_break, None
+                    if on_break:
+                        on_break()
                     return
             # Pass the half-close on: the other direction may still be carrying data.
             if target.can_write_eof():

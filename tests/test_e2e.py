@@ -250,3 +250,25 @@ def test_cli_run_unmet_expectation_exits_1(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "UNMET" in out.stdout + out.stderr
+
+
+async def test_a_media_server_crashing_mid_duplication_loses_nothing(tmp_path):
+    steps = """
+  - backup:    {client: web1, media: media1, as: a}
+  - fault:     {kind: crash, host: media2, after: 1MiB}
+  - duplicate: {image: a, to: media2}
+    expect:    {fails: true}
+  - heal:      {host: media2}
+  - restore:   {image: a, to: web1}
+    expect:    {status: 0, verified: true, dte: on}
+  - duplicate: {image: a, to: media2}
+    expect:    {status: 0, dte: on}
+"""
+    report = await run_scenario(scenario("crash-mid-dup", steps), tmp_path)
+    assert report.ok, [(s.step, s.status, s.reason, s.unmet) for s in report.steps]
+    assert report.steps[2].status in (40, 2106), report.steps[2]
+    with catalog_of(tmp_path) as catalog:
+        (image,) = catalog.list_images()
+        copies = catalog.copies(image.backup_id)
+    assert [c.media_server for c in copies] == ["media1", "media2"]  # the failed copy left no record
+    assert not [p for p in stored_copies(tmp_path, "media2") if p.name.endswith(".partial")]

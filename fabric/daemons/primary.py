@@ -66,6 +66,7 @@ class Primary(Daemon):
         self.initial_settings = settings
         self.retry = retry
         self.hosts: dict[str, RegisteredHost] = {}
+        self.gone: dict[str, asyncio.Event] = {}  # set when a registered host goes offline
         self.catalog: Catalog | None = None
 
     async def on_start(self) -> None:
@@ -95,6 +96,7 @@ class Primary(Daemon):
     async def cmd_register(self, body: dict) -> dict:
         host = RegisteredHost.from_json(body)
         self.hosts[host.name] = host
+        self.gone[host.name] = asyncio.Event()
         self.log.info("host registered", peer=host.name, peer_role=host.role.value, version=str(host.version),
                       dte_mode=host.dte_mode.value if host.dte_mode else None)
         return {}
@@ -103,10 +105,30 @@ class Primary(Daemon):
         host = (message.topic or "").split("/")[-2]
         if host in self.hosts and message.body.get("state") == "offline":
             self.hosts[host].online = False
+            self.gone[host].set()
             self.log.warning("host went offline", peer=host)
         elif host in self.hosts and message.body.get("state") == "online":
             self.hosts[host].online = True
         return None
+
+    async def call(self, host: str, kind: str, body: dict[str, Any], timeout: float = 30.0, *,
+                   domain: str | None = None, peer_is_client: bool = False) -> dict:
+        """A request that also ends when its host goes offline (its last will): a host that
+        crashed mid-job never answers, and the job must fail now, not at the timeout."""
+        gone = self.gone.get(host) if domain is None else None
+        if gone is None:
+            return await super().call(host, kind, body, timeout, domain=domain, peer_is_client=peer_is_client)
+        request = asyncio.ensure_future(super().call(host, kind, body, timeout, domain=domain, peer_is_client=peer_is_client))
+        watch = asyncio.ensure_future(gone.wait())
+        try:
+            await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if request.done():
+            return request.result()
+        request.cancel()
+        status = Status.CANT_CONNECT_TO_CLIENT if peer_is_client else Status.DISK_STORAGE_SERVER_DOWN
+        raise JobFailure(status, f"{host} went offline during {kind}")
 
     def host(self, name: str, role: Role) -> RegisteredHost:
         host = self.hosts.get(name)

@@ -120,7 +120,8 @@ class Fabric:
         self.broker_url = broker_url or ""
         # Relays cost a copy per chunk; put them in the path only when something needs
         # them: a fault step, or a capture of the wire.
-        needs_relays = capture or any(isinstance(s, FaultStep) and s.kind is FaultKind.CUT for s in scenario.steps)
+        needs_relays = capture or any(isinstance(s, FaultStep) and (s.kind is FaultKind.CUT or s.after_bytes)
+                                      for s in scenario.steps)
         self.network = RelayNetwork(capture=capture) if (needs_relays if relays is None else relays) else None
         self.daemons: dict[str, Daemon] = {}
         self.bus: Bus | None = None
@@ -298,6 +299,10 @@ class Fabric:
         raise AssertionError(step)
 
     async def _fault(self, step: FaultStep) -> str:
+        if step.kind is FaultKind.CRASH and step.after_bytes:
+            daemon = self.daemons[step.host]
+            self.network.break_host_after(step.host, step.after_bytes, lambda: asyncio.ensure_future(daemon.crash()))
+            return f"{step.host} will crash after {step.after_bytes} bytes of its next transfer"
         if step.kind is FaultKind.CRASH:
             await self.daemons[step.host].crash()
             return f"{step.host} crashed"
