@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from fabric import admin
@@ -97,7 +98,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
-    import time
 
     from fabric import logs
     from fabric.broker import parse_broker_url
@@ -166,20 +166,33 @@ class Progress:
         self.enabled = enabled
         self.total = total
         self.tty = sys.stderr.isatty()
+        self.current = None
+        self.started = 0.0
 
     def update(self, step, report) -> None:
         if not self.enabled:
             return
         if report is None:
-            if self.tty:
-                print(f"\r\x1b[K[{step.index}/{self.total}] {step.op} ...", end="", file=sys.stderr, flush=True)
+            self.current, self.started = step, time.monotonic()
+            self._running("")
             return
         mark = {"met": "ok", "unmet": "UNMET", None: "--"}[report.expect]
         line = f"[{step.index}/{self.total}] {step.op:<14} status {report.status if report.status is not None else '-':<5} {mark}"
         print(("\r\x1b[K" if self.tty else "") + line, file=sys.stderr, flush=True)
 
+    def moved(self, job_id: int, moved: int) -> None:
+        """A progress event from a data leg: bytes moved so far by the running job."""
+        if self.enabled and self.current is not None:
+            seconds = time.monotonic() - self.started
+            self._running(f" job {job_id}: {moved / 1e6:.0f} MB, {moved / 1e6 / max(seconds, 1e-3):.0f} MB/s")
+
+    def _running(self, detail: str) -> None:
+        if self.tty:
+            step = self.current
+            print(f"\r\x1b[K[{step.index}/{self.total}] {step.op} ...{detail}", end="", file=sys.stderr, flush=True)
+
     def finish(self) -> None:
-        pass
+        self.current = None
 
 
 def render_run(report) -> str:

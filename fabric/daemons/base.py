@@ -114,6 +114,29 @@ async def direct_route(sender: str, receiver: str, port: int) -> tuple[str, int]
     return "127.0.0.1", port
 
 
+PROGRESS_EVERY = 8 << 20
+
+
+class ProgressLeg:
+    """A leg that reports how many payload bytes it has sent, every PROGRESS_EVERY bytes."""
+
+    def __init__(self, leg: Leg, report: Callable[[int], None]):
+        self._leg = leg
+        self._report = report
+        self._next = PROGRESS_EVERY
+        self.sent = 0
+
+    async def send_frame(self, payload: bytes) -> None:
+        await self._leg.send_frame(payload)
+        self.sent += len(payload)
+        if self.sent >= self._next:
+            self._next = self.sent + PROGRESS_EVERY
+            self._report(self.sent)
+
+    def __getattr__(self, name: str):
+        return getattr(self._leg, name)
+
+
 @dataclass
 class Expectation:
     """A leg the primary told this host to expect, and what to do with it."""
@@ -300,6 +323,13 @@ class Daemon:
     async def cmd_leg_result(self, body: dict) -> dict:
         return await self.leg_result(body["job_id"], body["leg"], body.get("timeout", 600))
 
+    def publish_progress(self, job_id: int, leg: str, moved: int) -> None:
+        """Tell whoever watches the domain's events how far a leg is (fire and forget)."""
+        if self.bus is not None and self.bus.connected.is_set():
+            task = asyncio.ensure_future(self.bus.publish(self.topics.events(), "progress",
+                                                          {"job_id": job_id, "leg": leg, "bytes": moved, "host": self.name}))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # progress may be lost, never raised
+
     async def send_leg(self, job_id: int, leg: str, dte: DteMode, receiver: str, port: int,
                        send: Callable[[Leg], Awaitable[int]], *, receiver_is_client: bool = False) -> dict:
         """Open a leg to `receiver` and run `send` on it; returns bytes, TLS and seconds."""
@@ -312,7 +342,7 @@ class Daemon:
         except Exception as exc:
             raise failure_of(exc, receiver, receiver_is_client) from None
         try:
-            sent = await send(opened)
+            sent = await send(ProgressLeg(opened, lambda moved: self.publish_progress(job_id, leg, moved)))
         except Exception as exc:
             opened.abort()
             raise failure_of(exc, receiver, receiver_is_client) from None

@@ -112,7 +112,8 @@ class Fabric:
     """The live topology: broker, one primary per domain, media servers and clients."""
 
     def __init__(self, scenario: Scenario, state_dir: Path, broker_url: str | None = None, capture: bool = False,
-                 relays: bool | None = None):
+                 relays: bool | None = None, on_progress: Callable[[int, int], None] | None = None):
+        self.on_progress = on_progress
         self.scenario = scenario
         self.state_dir = state_dir
         self.external_broker = broker_url
@@ -146,6 +147,9 @@ class Fabric:
                 self.daemons[spec.name] = daemon
         self.bus = Bus(self.broker_url, client_id="fabric-run", host="fabric-run", log_context={"role": "admin"})
         await self.bus.start()
+        if self.on_progress:
+            for domain in self.scenario.domains:
+                await self.bus.subscribe(Topics(domain=domain).events(), self._progress_event)
         log.info("fabric up", hosts=len(self.daemons), broker=self.broker_url)
 
     def _ca(self, domain: str) -> DomainCA:
@@ -169,6 +173,10 @@ class Fabric:
         if spec.role is Role.MEDIA:
             return MediaServer(config, self.broker_url, self.route)
         return Client(config, self.broker_url, self.route)
+
+    async def _progress_event(self, message) -> None:
+        if message.kind == "progress":
+            self.on_progress(int(message.body.get("job_id", 0)), int(message.body.get("bytes", 0)))
 
     def primary_of(self, domain: str) -> str:
         return next(h.name for h in self.scenario.hosts.values() if h.domain == domain and h.role is Role.PRIMARY)
@@ -346,10 +354,11 @@ class StepFailed(Exception):
 
 async def run_scenario(scenario: Scenario, state_dir: Path, *, broker_url: str | None = None, capture: bool = False,
                        on_step: Callable[[Step, StepReport | None], None] | None = None,
+                       on_progress: Callable[[int, int], None] | None = None,
                        keep: Callable[[Fabric], object] | None = None) -> RunReport:
     """Run every step in order on a live fabric; always tears it down again."""
     started = time.monotonic()
-    fabric = Fabric(scenario, state_dir, broker_url, capture)
+    fabric = Fabric(scenario, state_dir, broker_url, capture, on_progress=on_progress)
     reports: list[StepReport] = []
     try:
         await fabric.start()
