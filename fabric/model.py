@@ -99,6 +99,7 @@ class FaultKind(enum.Enum):
     CRASH = "crash"  # a daemon stops (host)
     CUT = "cut"  # a link refuses connections, or breaks after `after_bytes` (link)
     DISK_FULL = "disk_full"  # a media server's storage refuses writes (host)
+    VOLUME_DOWN = "volume_down"  # a media server's disk volume is offline: no reads, no writes (host)
     BROKER_DOWN = "broker_down"  # the control plane stops (no host)
 
 

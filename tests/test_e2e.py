@@ -153,6 +153,10 @@ async def test_failed_jobs_leave_no_image_and_no_copy(tmp_path):
   - duplicate: {image: good, to: media2}
     expect:    {status: 84}
   - heal:      {host: media2}
+  - fault:     {kind: volume_down, host: media1}
+  - verify:    {image: good}
+    expect:    {status: 2074}
+  - heal:      {host: media1}
   - fault:     {kind: cut, link: [web1, media1], after: 1MiB}
   - backup:    {client: web1, media: media1}
     expect:    {status: 40}

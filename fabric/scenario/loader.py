@@ -792,11 +792,11 @@ class _StepChecker:
         host = self.host(node, key, args, "host", None, optional=True)
         link = self.link(args["link"][1], f"{key}.link") if "link" in args else None
         after = r.size(args["after"][1], f"{key}.after") if "after" in args else None
-        needs_host = kind in (FaultKind.CRASH, FaultKind.DISK_FULL)
+        needs_host = kind in (FaultKind.CRASH, FaultKind.DISK_FULL, FaultKind.VOLUME_DOWN)
         if needs_host and (host is None or link is not None):
             raise r.error(node, key, f"a {kind.value} fault names one `host:`")
-        if needs_host and self.hosts[host].spec.role is Role.PRIMARY and kind is FaultKind.DISK_FULL:
-            raise r.error(args["host"][1], f"{key}.host", "disk_full applies to a media server's storage")
+        if needs_host and kind is not FaultKind.CRASH and self.hosts[host].spec.role is not Role.MEDIA:
+            raise r.error(args["host"][1], f"{key}.host", f"{kind.value} applies to a media server's storage")
         if kind is FaultKind.CUT and (link is None or host is not None):
             raise r.error(node, key, "a cut fault names one `link: [a, b]`")
         if kind is FaultKind.BROKER_DOWN and (host or link):

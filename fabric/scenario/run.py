@@ -317,6 +317,9 @@ class Fabric:
         if step.kind is FaultKind.DISK_FULL:
             self.daemons[step.host].storage.full = True
             return f"{step.host}: disk storage unit full"
+        if step.kind is FaultKind.VOLUME_DOWN:
+            self.daemons[step.host].storage.down = True
+            return f"{step.host}: disk volume down"
         if step.kind is FaultKind.CUT:
             await self.network.cut(*step.link, after=step.after_bytes)
             return f"link {step.link[0]}<->{step.link[1]} cut" + (f" after {step.after_bytes} bytes" if step.after_bytes else "")
@@ -333,7 +336,7 @@ class Fabric:
             if not daemon.running:
                 await daemon.start()
             if getattr(daemon, "storage", None):
-                daemon.storage.full = False
+                daemon.storage.full = daemon.storage.down = False
             return f"{step.host} back"
         if step.link:
             await self.network.heal(*step.link)
