@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from fabric.dte import Outcome
+from fabric.status import for_dte_failure
+
+
+def outcome_status(outcome: Outcome) -> int:
+    """The job status a DTE decision ends with: 0, or the 83xx code of its cause."""
+    return int(for_dte_failure(outcome.cause.name)) if outcome.cause else 0
+
 
 @dataclass(frozen=True)
 class PolicyOperation:

@@ -19,9 +19,9 @@ from fabric.channel import Leg
 from fabric.daemons.base import Daemon, DaemonConfig, JobFailure, Route, direct_route
 from fabric.datastream import receive_metadata
 from fabric.dte import ClientMode, DomainSettings, DteMode, GlobalMode, Host, IgnoreImageMode, MediaMode, Outcome, Role, Version
-from fabric.jobs import CopyInfo, JobRequest, JobResult
+from fabric.jobs import CopyInfo, JobRequest, JobResult, outcome_status
 from fabric.model import RetryPolicy
-from fabric.status import Status, for_dte_failure
+from fabric.status import Status
 
 CALL_TIMEOUT = 3600.0  # data legs have their own idle timeout; this only bounds a lost reply
 CATALOG_FILE = "catalog.sqlite"
@@ -51,10 +51,6 @@ class RegisteredHost:
         mode_type = MediaMode if role is Role.MEDIA else ClientMode
         mode = mode_type(body["dte_mode"]) if body.get("dte_mode") else None
         return cls(body["name"], role, Version.parse(body["version"]), mode, body["domain"], body.get("port"))
-
-
-def status_of(outcome: Outcome) -> int:
-    return int(for_dte_failure(outcome.cause.name)) if outcome.cause else 0
 
 
 class Primary(Daemon):
@@ -260,7 +256,7 @@ class Primary(Daemon):
     def decided(self, outcome: Outcome) -> DteMode:
         """The job's DTE mode, or the job fails here, before any connection (nbjm, §8.2)."""
         if outcome.fails:
-            failure = JobFailure(status_of(outcome), outcome.reason)
+            failure = JobFailure(outcome_status(outcome), outcome.reason)
             failure.decision = "fail"  # type: ignore[attr-defined]
             raise failure
         return DteMode.of(outcome.encrypts)

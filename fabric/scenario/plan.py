@@ -27,7 +27,8 @@ from fabric.model import (
     VerifyStep,
     step_domain,
 )
-from fabric.status import Status, for_dte_failure
+from fabric.jobs import outcome_status
+from fabric.status import Status
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,6 @@ class Plan:
 
     def as_json(self) -> dict:
         return {"scenario": self.scenario, "steps": [s.as_json() for s in self.steps]}
-
-
-def status_of(outcome: Outcome) -> int:
-    return int(for_dte_failure(outcome.cause.name)) if outcome.cause else 0
 
 
 @dataclass
@@ -260,7 +257,7 @@ def _apply_set(state: _PlanState, step: SetStep) -> StepPlan:
 
 
 def _decided(step: Step, outcome: Outcome, subject: str, op: str | None = None) -> StepPlan:
-    return StepPlan(step.index, op or step.op, outcome.decision, status_of(outcome), outcome.reason, subject)
+    return StepPlan(step.index, op or step.op, outcome.decision, outcome_status(outcome), outcome.reason, subject)
 
 
 def _missing(step: Step, image: str) -> StepPlan:
