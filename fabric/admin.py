@@ -474,11 +474,10 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     """Every error a user can cause: one line on stderr and an exit code, no traceback."""
 
     def run(args: argparse.Namespace) -> int:
-        from fabric import logs
         from fabric.api import AdminError
 
-        if handler is not cmd_serve:  # a command's output is its listing: warnings only, on stderr
-            logs.configure()
+        if handler is not cmd_serve:
+            _quiet_logs()
         try:
             return handler(args)
         except CommandError as exc:
@@ -491,6 +490,32 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
             return EXIT_OK
 
     return run
+
+
+class _CurrentStderr:
+    """Whatever sys.stderr is at each write: a stream captured at configure time may be
+    closed by the time a warning comes (pytest swaps stderr per test)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _quiet_logs() -> None:
+    """A command's output is its listing: log warnings only, as JSON lines on stderr."""
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()),  # type: ignore[arg-type]
+        cache_logger_on_first_use=False,
+    )
 
 
 def register(subparsers) -> None:
@@ -938,7 +963,8 @@ def _announce(servers, state_dir: Path, out: IO[str]) -> None:
     for server in servers:
         print(f"API of {server.backend.name} (domain {server.backend.domain}): {server.url}", file=out)
     print(f"token: {state_dir / TOKEN_FILE}  (send it as Authorization: Bearer <token>)", file=out)
-    print(f"try:   fabric bpimagelist --state {state_dir}", file=out)
+    choose = f" --domain {servers[0].backend.domain}" if len(servers) > 1 else ""
+    print(f"try:   fabric bpimagelist --state {state_dir}{choose}", file=out)
     print("Ctrl-C to stop", file=out, flush=True)
 
 
