@@ -672,7 +672,9 @@ def cmd_nbseccmd(args: argparse.Namespace) -> int:
                 if not args.mediaserver:
                     raise CommandError("-dtemediamode needs -mediaserver NAME", EXIT_USAGE)
                 host = target.host(args.mediaserver)
-                print(f"DTE Media Mode ({host.name}): {(host.dte_mode or 'on (default)').upper()}")
+                if host.role.value != "media":
+                    raise CommandError(f"{args.mediaserver} is not a media server (it is the {host.role.value})", EXIT_USAGE)
+                print(f"DTE Media Mode ({host.name}): {host.dte_mode.upper() if host.dte_mode else 'ON (default)'}")
                 return EXIT_OK
             props = target.security()
         finally:

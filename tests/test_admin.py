@@ -200,6 +200,9 @@ def test_nbseccmd_global_and_media_modes(state, capsys):
         assert fabric(capsys, "nbseccmd", "-getsecurityconfig", "-dteglobalmode", "--state", str(state))[1].strip() == f"DTE Global Mode: {name}"
     code, out, _ = fabric(capsys, "nbseccmd", "-setsecurityconfig", "-dtemediamode", "off", "-mediaserver", "media2", "--state", str(state))
     assert code == 0 and out.strip() == "DTE Media Mode (media2): OFF"
+    code, out, _ = fabric(capsys, "nbseccmd", "-getsecurityconfig", "-dtemediamode", "-mediaserver", "media2", "--state", str(state))
+    assert code == 0 and out.strip() == "DTE Media Mode (media2): OFF"
+    assert fabric(capsys, "nbseccmd", "-getsecurityconfig", "-dtemediamode", "-mediaserver", "web1", "--state", str(state))[0] == 2
     with catalog_of(state) as catalog:
         assert catalog.host_dte_modes() == {"media2": "off"}
         actors = [a.actor for a in catalog.list_audit()]
