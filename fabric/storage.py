@@ -113,7 +113,7 @@ class ImageWriter:
         self._high_water = high_water
         self._writeback_every = writeback_every
         self._cond = threading.Condition()
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes | bytearray | memoryview] = deque()
         self._queued = 0
         self._closing = False
         self._dropped = False
@@ -126,9 +126,9 @@ class ImageWriter:
     # -- the caller's side ---------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        if not isinstance(data, bytes):
-            data = bytes(data)  # the caller may reuse its buffer
-        size = len(data)
+        """Queue `data`; it is written later, so a caller must not change a mutable buffer
+        after passing it (the data path passes each frame once and drops it)."""
+        size = memoryview(data).nbytes
         with self._cond:
             self._check_open()
             while self._queued >= self._high_water and size and not self._done and not _on_event_loop():
@@ -234,12 +234,13 @@ class ImageWriter:
                     if not self._queue:
                         break
                     data = self._queue.popleft()
-                view = memoryview(data)
+                view = memoryview(data).cast("B")
+                size = view.nbytes
                 while view:
                     view = view[os.write(self._fd, view):]
-                offset += len(data)
+                offset += size
                 with self._cond:
-                    self._queued -= len(data)
+                    self._queued -= size
                     self._cond.notify_all()
                     self._wake()
                 if _start_writeback and offset - started_to >= self._writeback_every:
