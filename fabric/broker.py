@@ -132,7 +132,22 @@ class EmbeddedBroker(_BrokerProcess):
         broker, self._broker = self._broker, None
         if broker is None:
             return
-        await broker.shutdown()
+        # amqtt 0.12's shutdown can wait forever on a client handler that is delivering a
+        # QoS 1 message (a last will) to a connection it is closing. Cut every client
+        # connection first, as a dying broker process would, then shut down, bounded.
+        for _, handler in list(getattr(broker, "_sessions", {}).values()):
+            writer = getattr(getattr(handler, "writer", None), "_writer", None)
+            transport = getattr(writer, "transport", None)
+            if transport is not None:
+                transport.abort()
+        try:
+            await asyncio.wait_for(broker.shutdown(), timeout=5)
+        except TimeoutError:
+            log.warning("broker.shutdown_timed_out", kind="amqtt", url=self.url)
+            for server in getattr(broker, "_servers", {}).values():
+                instance = getattr(server, "instance", None)
+                if instance is not None:
+                    instance.close()
         log.debug("broker.stopped", kind="amqtt", url=self.url)
 
 

@@ -53,10 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state", metavar="DIR", help="where catalog, storage, certificates and logs go (default: ./state/<scenario>)")
     run.add_argument("--broker", metavar="URL", help="use this MQTT broker (mqtt://host:port) instead of the embedded one")
     run.add_argument("--capture", action="store_true", help="route every data leg through a relay that records the wire")
+    run.add_argument("--processes", action="store_true",
+                     help="run each daemon as its own OS process (`fabric daemon`); a crash fault is a real SIGKILL")
     run.add_argument("-v", "--verbose", action="store_true", help="daemon logs on the console too")
     run.add_argument("--serve", action="store_true",
                      help="after the steps, keep the fabric up with each primary's REST API until Ctrl-C")
     run.set_defaults(handler=cmd_run)
+
+    daemon = sub.add_parser("daemon", help="run one host of a topology as its own process, until SIGTERM")
+    daemon.add_argument("file", metavar="FILE", help="the topology the host belongs to")
+    daemon.add_argument("host", metavar="HOST")
+    daemon.add_argument("--broker", metavar="URL", required=True, help="the MQTT broker (mqtt://host:port)")
+    daemon.add_argument("--state", metavar="DIR", required=True, help="the state folder the topology shares")
+    daemon.set_defaults(handler=cmd_daemon)
 
     admin.register(sub)
     return parser
@@ -120,10 +129,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = Progress(enabled=not args.json, total=len(scenario.steps))
     on_step, keep = progress.update, None
     if args.serve:
+        if args.processes:
+            print("error: --serve needs the in-process fabric (no --processes)", file=sys.stderr)
+            return EXIT_INVALID
         on_step, keep = serving(args, scenario, state, progress)
     try:
-        report = asyncio.run(run_scenario(scenario, state, broker_url=args.broker, capture=args.capture, on_step=on_step, keep=keep))
-    except OSError as exc:
+        report = asyncio.run(run_scenario(scenario, state, broker_url=args.broker, capture=args.capture, on_step=on_step,
+                                          on_progress=progress.moved, keep=keep, processes=args.processes))
+    except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: cannot run {scenario.path}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     if args.json:
@@ -157,6 +170,46 @@ def serving(args: argparse.Namespace, scenario, state: Path, progress: "Progress
         await admin.serve_fabric(list(fabric.daemons.values()), state, out)
 
     return on_step, keep
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from fabric import logs
+    from fabric.broker import parse_broker_url
+    from fabric.scenario.run import build_daemon, domain_cas
+
+    scenarios = load_all([args.file])
+    if scenarios is None:
+        return EXIT_INVALID
+    scenario = scenarios[0]
+    if args.host not in scenario.hosts:
+        print(f"error: {args.file}: no host {args.host!r}; hosts: {', '.join(scenario.hosts)}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        parse_broker_url(args.broker)
+    except ValueError as exc:
+        print(f"error: --broker: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    state = as_path(args.state)
+    logs.configure(state / "logs" / f"{args.host}.jsonl")
+
+    async def serve() -> None:
+        daemon = build_daemon(scenario, args.host, state, args.broker, domain_cas(scenario, state))
+        await daemon.start()
+        stopping = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        await daemon.stop()
+
+    try:
+        asyncio.run(serve())
+    except Exception as exc:  # one line for the runner that started us, the details in the log
+        print(f"error: {args.host}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return EXIT_OK
 
 
 class Progress:

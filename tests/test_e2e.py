@@ -276,3 +276,33 @@ async def test_a_media_server_crashing_mid_duplication_loses_nothing(tmp_path):
         copies = catalog.copies(image.backup_id)
     assert [c.media_server for c in copies] == ["media1", "media2"]  # the failed copy left no record
     assert not [p for p in stored_copies(tmp_path, "media2") if p.name.endswith(".partial")]
+
+
+async def test_daemons_as_processes_survive_sigkill(tmp_path):
+    """`--processes`: each daemon is an OS process; a crash fault is a real SIGKILL."""
+    steps = """
+  - backup:    {client: web1, media: media1, as: a}
+  - set:       {global_dte_mode: preferred_off}
+  - fault:     {kind: crash, host: primary1}
+  - heal:      {host: primary1}
+  - backup:    {client: web1, media: media1}
+    expect:    {status: 0, dte: off}
+  - restore:   {image: a, to: web1}
+    expect:    {status: 0, dte: on, verified: true}
+  - fault:     {kind: crash, host: media1}
+  - backup:    {client: web1, media: media1}
+    expect:    {status: 2106}
+  - heal:      {host: media1}
+  - verify:    {image: a}
+    expect:    {status: 0, dte: on, verified: true}
+  - fault:     {kind: disk_full, host: media2}
+  - duplicate: {image: a, to: media2}
+    expect:    {status: 84}
+"""
+    path = tmp_path / "sigkill.yaml"
+    path.write_text(BASE.format(name="sigkill", mode="preferred_on", extra="", steps=steps))
+    report = await run_scenario(load_scenario(path), tmp_path / "state", processes=True)
+    assert report.ok, [(s.step, s.status, s.reason, s.unmet) for s in report.steps]
+    with catalog_of(tmp_path / "state") as catalog:
+        assert len(catalog.list_images()) == 2  # nothing committed was lost, nothing failed was kept
+        assert catalog.get_settings().global_mode.value == "preferred_off"  # survived the primary's crash

@@ -177,8 +177,24 @@ class Daemon:
         self.legs = await serve_legs(self.name, self.config.creds, self.expect_leg, self.handle_leg,
                                      self.config.as_dte_host().max_tls, extra_cas=self.config.trusted_cas)
         self.running = True
-        await self.announce()
+        if self.role is not Role.PRIMARY:
+            # A primary that restarts says so; register again so it learns its hosts anew.
+            # (Not its retained status topic: amqtt 0.12 hangs in shutdown delivering a
+            # will to subscribers whose connections it is closing.)
+            await self.bus.subscribe(self.topics.announcements(), self.on_primary_status)
+            try:
+                await self.announce()
+            except BusError as exc:
+                self.log.warning("primary not reachable yet; will register when it comes online",
+                                 primary=self.config.primary, error=str(exc))
         self.log.info("daemon started", version=str(self.config.version), port=self.legs.port)
+
+    async def on_primary_status(self, message: Message) -> None:
+        if self.running and message.kind == "primary_online":
+            try:
+                await self.announce()
+            except BusError as exc:
+                self.log.warning("could not register with the primary", error=str(exc))
 
     async def on_start(self) -> None:
         """Subclass hook: open storage, catalogs, datasets."""

@@ -99,6 +99,12 @@ class MediaServer(Daemon):
             self.config.dte_mode = MediaMode(body["dte_mode"])
         return self.describe()
 
+    async def cmd_inject_fault(self, body: dict) -> dict:
+        """Failure injection for a media server in its own process (disk full, volume down)."""
+        self.storage.full = bool(body.get("disk_full", self.storage.full))
+        self.storage.down = bool(body.get("volume_down", self.storage.down))
+        return {"disk_full": self.storage.full, "volume_down": self.storage.down}
+
     async def cmd_describe(self, body: dict) -> dict:
         return self.describe()
 

@@ -67,7 +67,9 @@ class Primary(Daemon):
 
     async def on_start(self) -> None:
         self.catalog = Catalog.open(self.config.state_dir / CATALOG_FILE)
-        if self.initial_settings is not None:
+        # The topology's settings seed a new catalog only: a primary restarting after a
+        # crash keeps what was changed since (the catalog is the truth, not the YAML).
+        if self.initial_settings is not None and not self.catalog.list_audit(limit=1):
             current = self.catalog.get_settings(self.config.domain).as_dte()
             if current.global_mode is not self.initial_settings.global_mode:
                 self.catalog.set_global_mode(self.initial_settings.global_mode, "topology", self.config.domain)
@@ -77,6 +79,7 @@ class Primary(Daemon):
     async def start(self) -> None:
         await super().start()
         await self.bus.subscribe(self.topics.all_status(), self.on_status)
+        await self.bus.publish(self.topics.announcements(), "primary_online", {"primary": self.name})
 
     async def on_stop(self) -> None:
         if self.catalog:
@@ -96,6 +99,10 @@ class Primary(Daemon):
         self.log.info("host registered", peer=host.name, peer_role=host.role.value, version=str(host.version),
                       dte_mode=host.dte_mode.value if host.dte_mode else None)
         return {}
+
+    async def cmd_hosts(self, body: dict) -> dict:
+        """Which hosts have registered and are online (a runner waits for its topology)."""
+        return {"online": sorted(name for name, host in self.hosts.items() if host.online)}
 
     async def on_status(self, message: Message) -> None:
         host = (message.topic or "").split("/")[-2]

@@ -7,6 +7,7 @@ changes settings the way nbseccmd / bpsetconfig / bpimage would, and injects fau
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,12 +109,87 @@ def check_expect(expect: Expect | None, report: StepReport) -> tuple[str | None,
     return ("unmet" if unmet else "met"), unmet
 
 
+def domain_cas(scenario: Scenario, state_dir: Path) -> dict[str, DomainCA]:
+    """Each domain's CA under <state>/pki/<domain>, made on first use."""
+    cas = {}
+    for domain in scenario.domains:
+        folder = state_dir / "pki" / domain
+        cas[domain] = DomainCA.load(folder) if (folder / "ca.pem").exists() else DomainCA.create(domain, folder)
+    return cas
+
+
+def primary_of(scenario: Scenario, domain: str) -> str:
+    return next(h.name for h in scenario.hosts.values() if h.domain == domain and h.role is Role.PRIMARY)
+
+
+def build_daemon(scenario: Scenario, host: str, state_dir: Path, broker_url: str, cas: dict[str, DomainCA],
+                 route: Route = direct_route) -> Daemon:
+    """The daemon for one host of the topology, the same in `fabric run` and `fabric daemon`."""
+    spec = scenario.hosts[host]
+    domain = scenario.domains[spec.domain]
+    partners = {d.name for d in scenario.domains.values() if spec.domain in d.trusts} | set(domain.trusts)
+    # Every host since 8.1 has a host certificate (D-SECCOMM); whether a leg uses it is
+    # the DTE decision's business, not the certificate's.
+    creds = cas[spec.domain].issue(spec.name, state_dir / "pki" / spec.domain / "hosts")
+    config = DaemonConfig(
+        name=spec.name, role=spec.role, domain=spec.domain, version=spec.version,
+        primary=primary_of(scenario, spec.domain), state_dir=state_dir / "hosts" / spec.name, creds=creds,
+        dte_mode=spec.dte_mode, trusted_cas=tuple(cas[p].cert_path for p in sorted(partners)),
+        seed=scenario.seed, data_files=spec.data.files, data_size=spec.data.size, data_path=spec.data.path,
+    )
+    if spec.role is Role.PRIMARY:
+        return Primary(config, broker_url, route, settings=domain.settings, retry=domain.retry)
+    if spec.role is Role.MEDIA:
+        return MediaServer(config, broker_url, route)
+    return Client(config, broker_url, route)
+
+
+class HostProcess:
+    """A daemon in its own OS process (`fabric daemon`): a crash is a real SIGKILL."""
+
+    def __init__(self, scenario: Scenario, host: str, state_dir: Path, broker_url: str):
+        self.command = [sys.executable, "-m", "fabric.cli", "daemon", scenario.path, host,
+                        "--broker", broker_url, "--state", str(state_dir)]
+        self.host = host
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(*self.command, stdin=asyncio.subprocess.DEVNULL,
+                                                            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+
+    async def crash(self) -> None:
+        if self.running:
+            self.process.kill()
+            await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.running:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except TimeoutError:
+                await self.crash()
+
+    async def failure(self) -> str:
+        """What a process that died at start said on stderr (its last line)."""
+        if self.process is None or self.process.stderr is None:
+            return ""
+        text = (await self.process.stderr.read()).decode(errors="replace").strip()
+        return text.splitlines()[-1] if text else f"exit status {self.process.returncode}"
+
+
 class Fabric:
     """The live topology: broker, one primary per domain, media servers and clients."""
 
     def __init__(self, scenario: Scenario, state_dir: Path, broker_url: str | None = None, capture: bool = False,
-                 relays: bool | None = None, on_progress: Callable[[int, int], None] | None = None):
+                 relays: bool | None = None, on_progress: Callable[[int, int], None] | None = None,
+                 processes: bool = False):
         self.on_progress = on_progress
+        self.processes = processes
         self.scenario = scenario
         self.state_dir = state_dir
         self.external_broker = broker_url
@@ -124,7 +200,11 @@ class Fabric:
         needs_relays = capture or any(isinstance(s, FaultStep) and (s.kind is FaultKind.CUT or s.after_bytes)
                                       for s in scenario.steps)
         self.network = RelayNetwork(capture=capture) if (needs_relays if relays is None else relays) else None
-        self.daemons: dict[str, Daemon] = {}
+        if processes and self.network is not None:
+            # Relays live in this process; a daemon in another process routes straight to
+            # its peer, so wire capture and link faults need the in-process fabric.
+            raise ValueError("link faults, crash-after faults and --capture need the in-process fabric (no --processes)")
+        self.daemons: dict[str, Daemon | HostProcess] = {}
         self.bus: Bus | None = None
         self.aliases: dict[str, str] = {}  # image alias -> backup id (kept by an import)
         self.alias_domains: dict[str, list[str]] = {}  # image alias -> domains holding it, home first
@@ -139,47 +219,51 @@ class Fabric:
             self.broker = EmbeddedBroker()
             await self.broker.start()
             self.broker_url = self.broker.url
-        cas = {name: self._ca(name) for name in self.scenario.domains}
-        for role in (Role.PRIMARY, Role.MEDIA, Role.CLIENT):  # primaries first: the others register
-            for spec in self.scenario.hosts_with_role(role):
-                daemon = self._daemon(spec, cas)
-                await daemon.start()
-                self.daemons[spec.name] = daemon
+        cas = domain_cas(self.scenario, self.state_dir)
         self.bus = Bus(self.broker_url, client_id="fabric-run", host="fabric-run", log_context={"role": "admin"})
         await self.bus.start()
+        for role in (Role.PRIMARY, Role.MEDIA, Role.CLIENT):  # primaries first: the others register
+            for spec in self.scenario.hosts_with_role(role):
+                if self.processes:
+                    daemon = HostProcess(self.scenario, spec.name, self.state_dir, self.broker_url)
+                else:
+                    daemon = build_daemon(self.scenario, spec.name, self.state_dir, self.broker_url, cas, self.route)
+                await daemon.start()
+                self.daemons[spec.name] = daemon
+        if self.processes:
+            await self.wait_registered(list(self.daemons))
         if self.on_progress:
             for domain in self.scenario.domains:
                 await self.bus.subscribe(Topics(domain=domain).events(), self._progress_event)
         log.info("fabric up", hosts=len(self.daemons), broker=self.broker_url)
 
-    def _ca(self, domain: str) -> DomainCA:
-        folder = self.state_dir / "pki" / domain
-        return DomainCA.load(folder) if (folder / "ca.pem").exists() else DomainCA.create(domain, folder)
-
-    def _daemon(self, spec, cas: dict[str, DomainCA]) -> Daemon:
-        domain = self.scenario.domains[spec.domain]
-        partners = {d.name for d in self.scenario.domains.values() if spec.domain in d.trusts} | set(domain.trusts)
-        # Every host since 8.1 has a host certificate (D-SECCOMM); whether a leg uses it is
-        # the DTE decision's business, not the certificate's.
-        creds = cas[spec.domain].issue(spec.name, self.state_dir / "pki" / spec.domain / "hosts")
-        config = DaemonConfig(
-            name=spec.name, role=spec.role, domain=spec.domain, version=spec.version,
-            primary=self.primary_of(spec.domain), state_dir=self.state_dir / "hosts" / spec.name, creds=creds,
-            dte_mode=spec.dte_mode, trusted_cas=tuple(cas[p].cert_path for p in sorted(partners)),
-            seed=self.scenario.seed, data_files=spec.data.files, data_size=spec.data.size, data_path=spec.data.path,
-        )
-        if spec.role is Role.PRIMARY:
-            return Primary(config, self.broker_url, self.route, settings=domain.settings, retry=domain.retry)
-        if spec.role is Role.MEDIA:
-            return MediaServer(config, self.broker_url, self.route)
-        return Client(config, self.broker_url, self.route)
+    async def wait_registered(self, hosts: list[str], timeout: float = 60.0) -> None:
+        """Until every host is up and known to its domain's primary (daemons in processes)."""
+        deadline = time.monotonic() + timeout
+        pending = set(hosts)
+        while pending:
+            for name in sorted(pending):
+                daemon = self.daemons[name]
+                if isinstance(daemon, HostProcess) and not daemon.running:
+                    raise RuntimeError(f"the daemon for {name} exited: {await daemon.failure()}")
+            for domain in {self.scenario.hosts[h].domain for h in pending}:
+                try:
+                    online = set((await self.ask(domain, "hosts", {}, timeout=2))["online"])
+                except (BusError, StepFailed):
+                    continue
+                primary = primary_of(self.scenario, domain)
+                pending -= {h for h in pending if h in online or (h == primary)}
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"hosts did not come up in {timeout:.0f} s: {', '.join(sorted(pending))}")
+            if pending:
+                await asyncio.sleep(0.1)
 
     async def _progress_event(self, message) -> None:
         if message.kind == "progress":
             self.on_progress(int(message.body.get("job_id", 0)), int(message.body.get("bytes", 0)))
 
     def primary_of(self, domain: str) -> str:
-        return next(h.name for h in self.scenario.hosts.values() if h.domain == domain and h.role is Role.PRIMARY)
+        return primary_of(self.scenario, domain)
 
     async def stop(self) -> None:
         if self.bus:
@@ -297,8 +381,8 @@ class Fabric:
                                      {"backup_id": self.aliases[step.image], "mode": step.mode.value, "actor": actor})
             return f"image {step.image}: DTE mode {changed['before']} -> {changed['after']}"
         if isinstance(step, MutateStep):
-            client = self.daemons[step.client]
-            reply = await self.bus.request(Topics(domain=client.config.domain).cmd(step.client), "mutate", {"files": step.files})
+            domain = self.scenario.hosts[step.client].domain
+            reply = await self.bus.request(Topics(domain=domain).cmd(step.client), "mutate", {"files": step.files})
             return f"{step.client}: changed {len(reply.body['changed'])} files"
         if isinstance(step, FaultStep):
             return await self._fault(step)
@@ -315,10 +399,10 @@ class Fabric:
             await self.daemons[step.host].crash()
             return f"{step.host} crashed"
         if step.kind is FaultKind.DISK_FULL:
-            self.daemons[step.host].storage.full = True
+            await self.inject(step.host, disk_full=True)
             return f"{step.host}: disk storage unit full"
         if step.kind is FaultKind.VOLUME_DOWN:
-            self.daemons[step.host].storage.down = True
+            await self.inject(step.host, volume_down=True)
             return f"{step.host}: disk volume down"
         if step.kind is FaultKind.CUT:
             await self.network.cut(*step.link, after=step.after_bytes)
@@ -335,18 +419,28 @@ class Fabric:
             daemon = self.daemons[step.host]
             if not daemon.running:
                 await daemon.start()
-            if getattr(daemon, "storage", None):
-                daemon.storage.full = daemon.storage.down = False
+                spec = self.scenario.hosts[step.host]
+                # A primary back from a crash must relearn its hosts before the next job.
+                again = [h.name for h in self.scenario.hosts.values() if h.domain == spec.domain and self.daemons[h.name].running] \
+                    if spec.role is Role.PRIMARY else [step.host]
+                await self.wait_registered(again)
+            if self.scenario.hosts[step.host].role is Role.MEDIA:
+                await self.inject(step.host, disk_full=False, volume_down=False)
             return f"{step.host} back"
         if step.link:
             await self.network.heal(*step.link)
             return f"link {step.link[0]}<->{step.link[1]} healed"
         await self.broker.start()
         await asyncio.wait_for(self.bus.connected.wait(), 15)
-        for daemon in self.daemons.values():
-            if daemon.running and daemon.bus:
-                await asyncio.wait_for(daemon.bus.connected.wait(), 15)
+        # Every daemon reconnects by itself and registers again when its primary is back.
+        await self.wait_registered([name for name, daemon in self.daemons.items() if daemon.running])
         return "broker back"
+
+    async def inject(self, media: str, **faults: bool) -> None:
+        """Storage faults go to the media server over the control plane, as to any process."""
+        reply = await self.bus.request(Topics(domain=self.scenario.hosts[media].domain).cmd(media), "inject_fault", faults)
+        if reply.kind == FAILED_KIND:
+            raise StepFailed(reply.body.get("status", 1), reply.body.get("reason", ""))
 
 
 class StepFailed(Exception):
@@ -358,10 +452,10 @@ class StepFailed(Exception):
 async def run_scenario(scenario: Scenario, state_dir: Path, *, broker_url: str | None = None, capture: bool = False,
                        on_step: Callable[[Step, StepReport | None], None] | None = None,
                        on_progress: Callable[[int, int], None] | None = None,
-                       keep: Callable[[Fabric], object] | None = None) -> RunReport:
+                       keep: Callable[[Fabric], object] | None = None, processes: bool = False) -> RunReport:
     """Run every step in order on a live fabric; always tears it down again."""
     started = time.monotonic()
-    fabric = Fabric(scenario, state_dir, broker_url, capture, on_progress=on_progress)
+    fabric = Fabric(scenario, state_dir, broker_url, capture, on_progress=on_progress, processes=processes)
     reports: list[StepReport] = []
     try:
         await fabric.start()
