@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("host", metavar="HOST")
     daemon.add_argument("--broker", metavar="URL", required=True, help="the MQTT broker (mqtt://host:port)")
     daemon.add_argument("--state", metavar="DIR", required=True, help="the state folder the topology shares")
+    daemon.add_argument("--resume", action="store_true",
+                        help="a restart after a crash: a primary keeps its catalog's settings, not the topology's")
     daemon.set_defaults(handler=cmd_daemon)
 
     admin.register(sub)
@@ -196,7 +198,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     logs.configure(state / "logs" / f"{args.host}.jsonl")
 
     async def serve() -> None:
-        daemon = build_daemon(scenario, args.host, state, args.broker, domain_cas(scenario, state))
+        daemon = build_daemon(scenario, args.host, state, args.broker, domain_cas(scenario, state), resume=args.resume)
         await daemon.start()
         stopping = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):

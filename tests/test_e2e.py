@@ -306,3 +306,20 @@ async def test_daemons_as_processes_survive_sigkill(tmp_path):
     with catalog_of(tmp_path / "state") as catalog:
         assert len(catalog.list_images()) == 2  # nothing committed was lost, nothing failed was kept
         assert catalog.get_settings().global_mode.value == "preferred_off"  # survived the primary's crash
+
+
+async def test_a_second_run_on_the_same_state_starts_from_the_topology(tmp_path):
+    """The state folder keeps the catalog across runs; the settings start from the YAML."""
+    steps = """
+  - backup: {client: web1, media: media1, as: a}
+    expect: {dte: on}
+  - set:    {global_dte_mode: enforced}
+  - backup: {client: old, media: media1}
+    expect: {status: 8302}
+"""
+    first = await run_scenario(scenario("twice", steps), tmp_path)
+    second = await run_scenario(scenario("twice", steps), tmp_path)
+    assert first.ok and second.ok, [(s.step, s.status, s.unmet) for s in second.steps]
+    with catalog_of(tmp_path) as catalog:
+        assert len(catalog.list_images()) == 2  # one per run: the catalog is kept
+        assert catalog.get_settings().global_mode.value == "enforced"

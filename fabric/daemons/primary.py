@@ -67,14 +67,15 @@ class Primary(Daemon):
 
     async def on_start(self) -> None:
         self.catalog = Catalog.open(self.config.state_dir / CATALOG_FILE)
-        # The topology's settings seed a new catalog only: a primary restarting after a
-        # crash keeps what was changed since (the catalog is the truth, not the YAML).
-        if self.initial_settings is not None and not self.catalog.list_audit(limit=1):
+        # A run starts from its topology's settings; a primary restarting after a crash
+        # (the same run) keeps what was changed since: only the first start applies them.
+        settings, self.initial_settings = self.initial_settings, None
+        if settings is not None:
             current = self.catalog.get_settings(self.config.domain).as_dte()
-            if current.global_mode is not self.initial_settings.global_mode:
-                self.catalog.set_global_mode(self.initial_settings.global_mode, "topology", self.config.domain)
-            if current.ignore_image_mode is not self.initial_settings.ignore_image_mode:
-                self.catalog.set_ignore_image_mode(self.initial_settings.ignore_image_mode, "topology", self.config.domain)
+            if current.global_mode is not settings.global_mode:
+                self.catalog.set_global_mode(settings.global_mode, "topology", self.config.domain)
+            if current.ignore_image_mode is not settings.ignore_image_mode:
+                self.catalog.set_ignore_image_mode(settings.ignore_image_mode, "topology", self.config.domain)
 
     async def start(self) -> None:
         await super().start()

@@ -123,8 +123,11 @@ def primary_of(scenario: Scenario, domain: str) -> str:
 
 
 def build_daemon(scenario: Scenario, host: str, state_dir: Path, broker_url: str, cas: dict[str, DomainCA],
-                 route: Route = direct_route) -> Daemon:
-    """The daemon for one host of the topology, the same in `fabric run` and `fabric daemon`."""
+                 route: Route = direct_route, resume: bool = False) -> Daemon:
+    """The daemon for one host of the topology, the same in `fabric run` and `fabric daemon`.
+
+    `resume`: a restart after a crash within a run; a primary then keeps the settings its
+    catalog has, instead of starting from the topology's."""
     spec = scenario.hosts[host]
     domain = scenario.domains[spec.domain]
     partners = {d.name for d in scenario.domains.values() if spec.domain in d.trusts} | set(domain.trusts)
@@ -138,7 +141,7 @@ def build_daemon(scenario: Scenario, host: str, state_dir: Path, broker_url: str
         seed=scenario.seed, data_files=spec.data.files, data_size=spec.data.size, data_path=spec.data.path,
     )
     if spec.role is Role.PRIMARY:
-        return Primary(config, broker_url, route, settings=domain.settings, retry=domain.retry)
+        return Primary(config, broker_url, route, settings=None if resume else domain.settings, retry=domain.retry)
     if spec.role is Role.MEDIA:
         return MediaServer(config, broker_url, route)
     return Client(config, broker_url, route)
@@ -158,7 +161,8 @@ class HostProcess:
         return self.process is not None and self.process.returncode is None
 
     async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(*self.command, stdin=asyncio.subprocess.DEVNULL,
+        command = self.command + (["--resume"] if self.process is not None else [])  # a restart
+        self.process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
                                                             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
 
     async def crash(self) -> None:
