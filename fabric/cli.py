@@ -112,6 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from fabric import logs
     from fabric.broker import parse_broker_url
+    from fabric.bus import BusError
     from fabric.scenario.run import run_scenario
 
     scenarios = load_all([args.file])
@@ -125,7 +126,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: --broker: {exc}", file=sys.stderr)
             return EXIT_INVALID
     state = as_path(args.state) if args.state else Path("state") / scenario.name
-    state.mkdir(parents=True, exist_ok=True)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: --state {state}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
     log_file = state / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     logs.configure(log_file, args.verbose)
     progress = Progress(enabled=not args.json, total=len(scenario.steps))
@@ -138,6 +143,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         report = asyncio.run(run_scenario(scenario, state, broker_url=args.broker, capture=args.capture, on_step=on_step,
                                           on_progress=progress.moved, keep=keep, processes=args.processes))
+    except BusError as exc:
+        print(f"error: cannot reach the MQTT broker: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: cannot run {scenario.path}: {exc}", file=sys.stderr)
         return EXIT_INVALID
