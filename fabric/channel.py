@@ -1,6 +1,9 @@
 """The data channel: one TCP stream per job leg, carrying length-prefixed frames of backup data.
 
 A plaintext header says the job and its DTE mode, the receiver accepts or refuses, and a dte=on leg turns into mutual TLS.
+
+The negotiation reads lines through an asyncio StreamReader; once a leg is open its transport
+is handed to a _FrameReceiver, which reads every frame straight into a buffer of its own.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import inspect
 import json
 import ssl
 import struct
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable
@@ -35,6 +39,9 @@ CLOSE_TIMEOUT = 5.0
 # How long a refusing receiver keeps reading, so that closing with unread bytes does not
 # send a TCP reset that destroys the refusal before the opener reads it.
 REFUSAL_LINGER = 1.0
+
+# Frames a leg holds unread before it stops reading its socket (flow control back to the sender).
+MAX_QUEUED_FRAMES = 4
 
 _FRAME_LENGTH = struct.Struct(">I")
 _END_FRAME = _FRAME_LENGTH.pack(0)
@@ -169,10 +176,10 @@ class Leg:
         self.timeout = timeout
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._reader = reader
         self._writer = writer
         self._log = logger
         self._closed = False
+        self._receiver = _FrameReceiver.take_over(reader, writer, peer)
 
     async def send_frame(self, payload: bytes | bytearray | memoryview) -> None:
         if isinstance(payload, memoryview):
@@ -204,37 +211,16 @@ class Leg:
         except (OSError, EOFError) as exc:
             raise ConnectionBroken(f"ending the stream to {self.peer}: {_describe(exc)}") from exc
 
-    async def recv_frame(self) -> bytes | None:
+    async def recv_frame(self) -> bytearray | None:
         """The next payload, or None when the peer sent the end-of-stream frame."""
         try:
             async with asyncio.timeout(self.timeout):
-                (length,) = _FRAME_LENGTH.unpack(await self._reader.readexactly(_FRAME_LENGTH.size))
-                if length == 0:
-                    return None
-                if length > MAX_FRAME:
-                    raise ConnectionBroken(f"{self.peer} announced a frame of {length} bytes (max {MAX_FRAME})")
-                payload = await self._read_payload(length)
+                payload = await self._receiver.next_frame()
         except TimeoutError:
             raise ChannelTimeout(f"{self.peer} sent nothing for {self.timeout} s") from None
-        except asyncio.IncompleteReadError:
-            raise ConnectionBroken(f"{self.peer} closed the stream before its end-of-stream frame") from None
-        except OSError as exc:
-            raise ConnectionBroken(f"receiving from {self.peer}: {_describe(exc)}") from exc
-        self.bytes_received += length
+        if payload is not None:
+            self.bytes_received += len(payload)
         return payload
-
-    async def _read_payload(self, length: int) -> bytes:
-        # Pieces as they arrive, joined once: readexactly() would first grow the stream's
-        # buffer to the whole frame, one more copy of every byte through a cold buffer.
-        pieces: list[bytes] = []
-        missing = length
-        while missing:
-            piece = await self._reader.read(missing)
-            if not piece:
-                raise asyncio.IncompleteReadError(b"", length)
-            pieces.append(piece)
-            missing -= len(piece)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     async def close(self) -> None:
         """Close politely (TLS close_notify); a peer that does not answer is cut off."""
@@ -253,6 +239,164 @@ class Leg:
         """Drop the connection at once, as a crashing host would."""
         self._closed = True
         self._writer.transport.abort()
+
+
+class _FrameReceiver(asyncio.BufferedProtocol):
+    """A leg's reading side once it is open: frames read straight into their own bytearray.
+
+    Through a StreamReader every byte was copied three times after the kernel's copy: into
+    the reader's buffer, out of it (shifting what follows), and into the joined frame. Here
+    the transport (plain or TLS) reads the 4-byte length into `_length`, then the payload into
+    a new bytearray of exactly that length, which is handed over whole: one copy, and no
+    buffer is reused, so a consumer may keep a frame (ImageWriter queues them for its thread).
+
+    Only reading moves here: pause_writing / resume_writing / connection_lost are passed on
+    to the stream's own protocol, which the StreamWriter still uses for drain() and
+    wait_closed(). Reading pauses while MAX_QUEUED_FRAMES frames wait for recv_frame.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport, stream_protocol: asyncio.BaseProtocol, peer: str, keep_open_on_eof: bool) -> None:
+        self._transport = transport
+        self._stream_protocol = stream_protocol
+        self._peer = peer
+        self._keep_open_on_eof = keep_open_on_eof
+        self._length = bytearray(_FRAME_LENGTH.size)
+        self._length_got = 0
+        self._frame: bytearray | None = None
+        self._frame_got = 0
+        # Frames (None for an end-of-stream frame) and, last, the error that stopped reading.
+        self._frames: deque[bytearray | None | ChannelError] = deque()
+        self._ended: ChannelError | None = None  # the stream is over: raised once the queue is empty
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._discard = bytearray(64 * 1024)
+
+    @classmethod
+    def take_over(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> "_FrameReceiver":
+        """Install a receiver on the writer's transport, keeping what the reader already holds."""
+        transport = writer.transport
+        receiver = cls(transport, transport.get_protocol(), peer, keep_open_on_eof=writer.get_extra_info("sslcontext") is None)
+        transport.set_protocol(receiver)
+        # Bytes the stream read past the negotiation (frames the peer sent at once) come first.
+        # StreamReader has no public way to take its buffer without copying it through read().
+        leftover = reader._buffer  # type: ignore[attr-defined]
+        if leftover:
+            receiver._feed(memoryview(leftover))
+            leftover.clear()
+        # The reader may already have seen the end (or the loss) of the connection, which the
+        # transport will not report again.
+        lost = reader.exception()
+        if lost is not None:
+            receiver._end(lost)
+        elif reader.at_eof():
+            receiver._end(None)
+        # The reader pauses the transport when its buffer is full; the receiver decides now.
+        if not receiver._paused and not transport.is_closing() and not transport.is_reading():
+            transport.resume_reading()
+        return receiver
+
+    async def next_frame(self) -> bytearray | None:
+        while not self._frames:
+            if self._ended is not None:
+                # A new exception each call: re-raising one instance would pile up tracebacks.
+                raise ConnectionBroken(*self._ended.args) from self._ended.__cause__
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._frames.popleft()
+        if self._paused and len(self._frames) < MAX_QUEUED_FRAMES and self._ended is None:
+            self._paused = False
+            self._transport.resume_reading()
+        if isinstance(item, ChannelError):
+            raise item
+        return item
+
+    # -- called by the transport -----------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview | bytearray:
+        if self._ended is not None:
+            return self._discard  # a broken stream: what still arrives is dropped
+        if self._frame is None:
+            return memoryview(self._length)[self._length_got :]
+        return memoryview(self._frame)[self._frame_got :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._ended is not None:
+            return
+        if self._frame is not None:
+            self._frame_got += nbytes
+            if self._frame_got == len(self._frame):
+                frame, self._frame = self._frame, None
+                self._push(frame)
+            return
+        self._length_got += nbytes
+        if self._length_got < _FRAME_LENGTH.size:
+            return
+        self._length_got = 0
+        (length,) = _FRAME_LENGTH.unpack(self._length)
+        if length == 0:
+            self._push(None)
+        elif length > MAX_FRAME:
+            # Checked before allocating: a hostile length must not cost 4 GiB.
+            self._frames.append(ConnectionBroken(f"{self._peer} announced a frame of {length} bytes (max {MAX_FRAME})"))
+            self._end(None)
+            self._pause()
+        else:
+            self._frame = bytearray(length)
+            self._frame_got = 0
+
+    def eof_received(self) -> bool:
+        self._end(None)
+        # As StreamReaderProtocol: a plain socket stays open for writing, TLS closes.
+        return self._keep_open_on_eof
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc)
+        self._stream_protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._stream_protocol.pause_writing()  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        self._stream_protocol.resume_writing()  # type: ignore[attr-defined]
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _feed(self, data: memoryview) -> None:
+        while data and self._ended is None:
+            buffer = self.get_buffer(len(data))
+            count = min(len(buffer), len(data))
+            buffer[:count] = data[:count]
+            self.buffer_updated(count)
+            data = data[count:]
+
+    def _push(self, frame: bytearray | None) -> None:
+        self._frames.append(frame)
+        if len(self._frames) >= MAX_QUEUED_FRAMES:
+            self._pause()
+        self._wake()
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            if not self._transport.is_closing():
+                self._transport.pause_reading()  # type: ignore[attr-defined]
+
+    def _end(self, exc: BaseException | None) -> None:
+        if self._ended is None:
+            if exc is None:
+                self._ended = ConnectionBroken(f"{self._peer} closed the stream before its end-of-stream frame")
+            else:
+                self._ended = ConnectionBroken(f"receiving from {self._peer}: {_describe(exc)}")
+                self._ended.__cause__ = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
 
 
 async def open_leg(
