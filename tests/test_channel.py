@@ -512,6 +512,98 @@ async def test_empty_and_oversized_frames_are_rejected_by_the_sender(pki):
     assert bytes(sink.payload) == b"still fine"
 
 
+@pytest.mark.parametrize("dte", [DteMode.ON, DteMode.OFF])
+async def test_a_receiver_that_stops_reading_stops_the_sender_and_loses_nothing(pki, dte):
+    reading = asyncio.Event()
+    received = bytearray()
+
+    async def slow(leg: Leg) -> None:
+        await reading.wait()
+        while (frame := await leg.recv_frame()) is not None:
+            received.extend(frame)
+
+    server = await serve_legs("media1", pki.media1, expecting(dte), slow, "TLSv1.3")
+    try:
+        leg = await open_leg("127.0.0.1", server.port, header(dte), pki.web1, "TLSv1.3", 0.3)
+        sent = bytearray()
+        for n in range(200):  # 200 MiB: far more than the queued frames and socket buffers hold
+            frame = bytes([n]) * (1024 * 1024)
+            try:
+                await leg.send_frame(frame)
+            except ChannelTimeout:
+                sent += frame  # written into the transport's buffer; only the drain timed out
+                break
+            sent += frame
+        else:
+            pytest.fail("the sender was never held back")
+        leg.timeout = 5
+        reading.set()
+        await leg.send_end()
+        await leg.close()
+        for _ in range(100):
+            if len(received) >= len(sent):
+                break
+            await asyncio.sleep(0.05)
+        assert received == sent
+    finally:
+        reading.set()
+        await server.close()
+
+
+async def test_a_frame_longer_than_the_maximum_breaks_the_leg_after_the_frames_before_it(pki):
+    frames: list[bytes] = []
+    errors: list[Exception] = []
+    done = asyncio.Event()
+
+    async def collect(leg: Leg) -> None:
+        try:
+            while (frame := await leg.recv_frame()) is not None:
+                frames.append(frame)
+        except Exception as exc:
+            errors.append(exc)
+        done.set()
+
+    server = await serve_legs("media1", None, expecting(DteMode.OFF), collect, "TLSv1.3")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(header(DteMode.OFF).encode())
+        assert json.loads(await asyncio.wait_for(reader.readline(), 5)) == {"accept": True}
+        writer.write((2).to_bytes(4, "big") + b"ok" + (0xFFFFFFFF).to_bytes(4, "big") + b"x" * 100)
+        await asyncio.wait_for(done.wait(), 5)
+        writer.close()
+    finally:
+        await server.close()
+    assert frames == [b"ok"]
+    assert isinstance(errors[0], ConnectionBroken) and "announced a frame of 4294967295 bytes" in str(errors[0])
+
+
+async def test_frames_read_together_with_the_answer_are_not_lost():
+    # Everything in one write: the opener's line reader takes the frames into its buffer
+    # with the answer, and the leg must start from them.
+    frames = [b"one", b"two" * 1000, b"three"]
+    wire = b'{"accept": true}\n' + b"".join(len(f).to_bytes(4, "big") + f for f in frames) + bytes(4)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(wire)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        await reader.readuntil(b"\n")
+        await asyncio.sleep(0.05)  # the rest, and the end of the connection, reach the reader
+        leg = Leg(header(DteMode.OFF), reader, writer, None, 5, structlog.get_logger(), peer="media1")
+        assert [await leg.recv_frame() for _ in frames] == frames
+        assert await leg.recv_frame() is None
+        with pytest.raises(ConnectionBroken, match="closed the stream"):
+            await leg.recv_frame()
+        assert leg.bytes_received == sum(map(len, frames))
+        await leg.close()
+    finally:
+        server.close()
+
+
 async def roundtrip(pki: Pki, dte: DteMode, frames: list[bytes]) -> None:
     sink = Sink(echo=True)
     async with receiver(pki.media1, sink, dte=dte) as server:
