@@ -125,21 +125,19 @@ def _plan_step(state: _PlanState, step: Step) -> StepPlan:
     if reads_copy and step.media is not None and step.media not in image.media:
         return StepPlan(step.index, step.op, Decision.FAIL, int(Status.NO_ENTITY_FOUND),
                         f"image {image_name} has no copy on {step.media}", step.media)
+    # The copy a step reads: the one it names, else the first copy (the primary copy).
+    source = (step.media or image.media[0]) if reads_copy else None
     if isinstance(step, RestoreStep):
-        media = step.media or image.media[0]
-        outcome = dte.decide_restore(state.domain_settings(media), image.image_on, state.hosts[step.to], [state.hosts[media]])
-        return _decided(step, outcome, f"{media} -> {step.to}")
+        outcome = dte.decide_restore(state.domain_settings(source), image.image_on, state.hosts[step.to], [state.hosts[source]])
+        return _decided(step, outcome, f"{source} -> {step.to}")
     if isinstance(step, DuplicateStep):
-        source = step.media or image.media[0]
         outcome = dte.decide_duplication(state.domain_settings(source), image.image_on, state.hosts[source], state.hosts[step.to])
         if not outcome.fails:
             image.media.append(step.to)
         return _decided(step, outcome, f"{source} -> {step.to}")
     if isinstance(step, VerifyStep):
-        media = step.media or image.media[0]
-        return _decided(step, dte.decide_verify(state.domain_settings(media), image.image_on, state.hosts[media]), media)
+        return _decided(step, dte.decide_verify(state.domain_settings(source), image.image_on, state.hosts[source]), source)
     if isinstance(step, ReplicateStep):
-        source = step.media or image.media[0]
         # D-REPL: "The job DTE mode depends on the image DTE mode or the global DTE
         # setting of the source domain."
         outcome = dte.decide_replication(state.domain_settings(source), image.image_on, state.hosts[source], state.hosts[step.to])
