@@ -6,6 +6,7 @@ A fault relay sits between opener and receiver wherever a test needs to see the 
 from __future__ import annotations
 
 import asyncio
+import os
 import json
 import random
 from contextlib import asynccontextmanager
@@ -642,3 +643,39 @@ def test_header_round_trips_and_rejects_a_too_long_one():
     assert LegHeader.decode(original.encode().rstrip(b"\n")) == original
     with pytest.raises(ValueError):
         LegHeader(1, "x" * HEADER_MAX, DteMode.ON, "web1", "media1").encode()
+
+
+# ---------------------------------------------------------------------------------------
+# send_file: os.sendfile on plaintext legs, read and encrypt inside TLS
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dte", [DteMode.ON, DteMode.OFF])
+async def test_send_file_delivers_a_file_slice_exactly(pki, tmp_path, dte):
+    content = os.urandom(5 * 1024 * 1024 + 123)
+    path = tmp_path / "data.bin"
+    path.write_bytes(content)
+    sink = Sink()
+    async with receiver(pki.media1, sink, dte=dte) as server:
+        leg = await open_leg("127.0.0.1", server.port, header(dte), pki.web1, "TLSv1.3", 5)
+        with path.open("rb") as f:
+            f.seek(100)
+            await leg.send_file(f, len(content) - 200)
+            assert f.tell() == len(content) - 100  # positioned after what was sent
+        await leg.send_end()
+        assert await leg.recv_frame() == b"ack"
+        await leg.close()
+        await sink.done.wait()
+    assert bytes(sink.payload) == content[100:-100]
+    assert leg.bytes_sent == len(content) - 200
+
+
+async def test_send_file_of_a_file_that_shrank_breaks_the_leg(pki, tmp_path):
+    path = tmp_path / "short.bin"
+    path.write_bytes(b"x" * 1000)
+    sink = Sink()
+    async with receiver(pki.media1, sink, dte=DteMode.OFF) as server:
+        leg = await open_leg("127.0.0.1", server.port, header(DteMode.OFF), pki.web1, "TLSv1.3", 5)
+        with path.open("rb") as f, pytest.raises(ConnectionBroken):
+            await leg.send_file(f, 5000)
+        leg.abort()

@@ -133,6 +133,13 @@ class ProgressLeg:
             self._next = self.sent + PROGRESS_EVERY
             self._report(self.sent)
 
+    async def send_file(self, f, count: int) -> None:
+        await self._leg.send_file(f, count)
+        self.sent += count
+        if self.sent >= self._next:
+            self._next = self.sent + PROGRESS_EVERY
+            self._report(self.sent)
+
     def __getattr__(self, name: str):
         return getattr(self._leg, name)
 
