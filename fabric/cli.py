@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="after the steps, keep the fabric up with each primary's REST API until Ctrl-C")
     run.set_defaults(handler=cmd_run)
 
+    up = sub.add_parser("up", help="bring a topology up (no steps) with each primary's REST API, until Ctrl-C")
+    up.add_argument("file", metavar="FILE")
+    up.add_argument("--state", metavar="DIR", help="the state folder (default: ./state/<scenario>)")
+    up.add_argument("--broker", metavar="URL", help="use this MQTT broker instead of the embedded one")
+    up.set_defaults(handler=cmd_up)
+
     daemon = sub.add_parser("daemon", help="run one host of a topology as its own process, until SIGTERM")
     daemon.add_argument("file", metavar="FILE", help="the topology the host belongs to")
     daemon.add_argument("host", metavar="HOST")
@@ -180,6 +186,43 @@ def serving(args: argparse.Namespace, scenario, state: Path, progress: "Progress
         await admin.serve_fabric(list(fabric.daemons.values()), state, out)
 
     return on_step, keep
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """`fabric run --serve` for a topology without its steps: the fabric is there to be
+    driven by the admin commands, the REST API, or `fabric daemon` hosts joining it."""
+    import asyncio
+    import dataclasses
+
+    from fabric import logs
+    from fabric.bus import BusError
+    from fabric.scenario.run import run_scenario
+
+    scenarios = load_all([args.file])
+    if scenarios is None:
+        return EXIT_INVALID
+    scenario = dataclasses.replace(scenarios[0], steps=())
+    state = as_path(args.state) if args.state else Path("state") / scenario.name
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: --state {state}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
+    logs.configure(state / "logs" / f"up-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+
+    async def keep(fabric) -> None:
+        print(f"{scenario.name}: {len(fabric.daemons)} hosts up; broker {fabric.broker_url}", flush=True)
+        await admin.serve_fabric(list(fabric.daemons.values()), state, sys.stdout)
+
+    try:
+        asyncio.run(run_scenario(scenario, state, broker_url=args.broker, keep=keep))
+    except BusError as exc:
+        print(f"error: cannot reach the MQTT broker: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: cannot bring up {args.file}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

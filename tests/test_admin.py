@@ -362,3 +362,25 @@ def test_run_serve_keeps_the_fabric_up_and_the_commands_reach_the_live_primary(t
         code, out, err = stop(run)
     assert code == 0, err
     assert "run: serve-tests (all expectations met" in out and "/netbackup" in out and "Ctrl-C to stop" in out
+
+
+def test_up_brings_a_topology_up_for_the_commands(tmp_path, capsys):
+    """`fabric up`: the topology without its steps, its primary's API up until Ctrl-C."""
+    scenario = tmp_path / "up.yaml"
+    scenario.write_text(SCENARIO.replace("name: admin-tests", "name: up-tests"))
+    state = tmp_path / "state"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    up = subprocess.Popen([sys.executable, "-m", "fabric.cli", "up", str(scenario), "--state", str(state)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for(state / "hosts" / "primary1" / "api-url", up, 60)
+        code, out, err = fabric(capsys, "nbseccmd", "-setsecurityconfig", "-dteglobalmode", "2", "--state", str(state))
+        assert code == 0, err
+        code, out, _ = fabric(capsys, "nbseccmd", "-getsecurityconfig", "-dteglobalmode", "--state", str(state))
+        assert code == 0 and "ENFORCED" in out
+        code, _, _ = fabric(capsys, "bpimagelist", "--state", str(state))
+        assert code == 227  # no steps ran, so no images: NetBackup's "no entity was found"
+    finally:
+        code, out, err = stop(up)
+    assert code == 0, err
+    assert "hosts up; broker mqtt://127.0.0.1:" in out
