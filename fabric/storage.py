@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import json
+import mmap
 import os
 import shutil
 import threading
@@ -226,6 +227,7 @@ class ImageWriter:
 
     def _run(self) -> None:
         offset = started_to = 0
+        direct = _DirectWriter.open(self.path)
         try:
             while True:
                 with self._cond:
@@ -236,16 +238,21 @@ class ImageWriter:
                     data = self._queue.popleft()
                 view = memoryview(data).cast("B")
                 size = view.nbytes
-                while view:
-                    view = view[os.write(self._fd, view):]
+                if direct is not None:
+                    direct.write(view)
+                else:
+                    while view:
+                        view = view[os.write(self._fd, view):]
                 offset += size
                 with self._cond:
                     self._queued -= size
                     self._cond.notify_all()
                     self._wake()
-                if _start_writeback and offset - started_to >= self._writeback_every:
+                if direct is None and _start_writeback and offset - started_to >= self._writeback_every:
                     _start_writeback(self._fd, started_to, offset - started_to)
                     started_to = offset
+            if direct is not None and not self._dropped:
+                direct.finish(self._fd)
             if not self._dropped:
                 os.fsync(self._fd)
         except BaseException as exc:  # kept for the caller: a full disk is its failure to report
@@ -254,6 +261,8 @@ class ImageWriter:
                 self._queue.clear()
                 self._queued = 0
         finally:
+            if direct is not None:
+                direct.close()
             with self._cond:
                 self._done = True
                 self._cond.notify_all()
@@ -267,6 +276,74 @@ class ImageWriter:
                     loop.call_soon_threadsafe(_resolve, future)
                 except RuntimeError:  # that loop is closed: nobody is waiting any more
                     pass
+
+
+class _DirectWriter:
+    """Writes a file in large aligned blocks with O_DIRECT, the tail through the page cache.
+
+    Why: on the VMs fabric runs on, filling *new* page-cache pages is slow and erratic
+    (dd: about 430 MB/s buffered into a new file, 1.3 GB/s with O_DIRECT, 6 GB/s rewriting
+    cached pages), and a backup copy is new data that must reach the disk anyway. Bytes are
+    staged in one page-aligned buffer (O_DIRECT needs aligned memory, sizes and offsets);
+    the last partial block goes through the ordinary descriptor, and the caller's fsync
+    makes both durable.
+    """
+
+    STAGE = 8 * 1024 * 1024
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.stage = mmap.mmap(-1, self.STAGE)  # anonymous maps are page-aligned
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.stage))  # fixed while the map is open
+        self.filled = 0
+        self.offset = 0
+
+    @classmethod
+    def open(cls, path: Path) -> "_DirectWriter | None":
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        try:
+            return cls(os.open(path, os.O_WRONLY | flag | getattr(os, "O_CLOEXEC", 0)))
+        except OSError:  # tmpfs and some filesystems refuse O_DIRECT: buffered writes then
+            return None
+
+    def write(self, view: memoryview) -> None:
+        while view:
+            taken = min(len(view), self.STAGE - self.filled)
+            self._copy(view[:taken])
+            self.filled += taken
+            view = view[taken:]
+            if self.filled == self.STAGE:
+                self._flush_block()
+
+    def _copy(self, piece: memoryview) -> None:
+        """Into the stage. ctypes.memmove drops the GIL, so copying a frame here does not stall
+        the event loop that is receiving the next one (a slice assignment would hold it)."""
+        if len(piece) >= 65536 and not piece.readonly:
+            source = ctypes.addressof(ctypes.c_char.from_buffer(piece))
+            ctypes.memmove(self.base + self.filled, source, len(piece))
+        else:
+            self.stage[self.filled : self.filled + len(piece)] = piece
+
+    def _flush_block(self) -> None:
+        block = memoryview(self.stage)
+        while block:
+            written = os.pwrite(self.fd, block, self.offset)
+            block, self.offset = block[written:], self.offset + written
+        self.filled = 0
+
+    def finish(self, buffered_fd: int) -> None:
+        """Write what is staged (less than a block) through the page cache."""
+        tail = memoryview(self.stage)[: self.filled]
+        while tail:
+            written = os.pwrite(buffered_fd, tail, self.offset)
+            tail, self.offset = tail[written:], self.offset + written
+        self.filled = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.stage.close()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -245,11 +245,21 @@ class Fabric:
         """Until every host is up and known to its domain's primary (daemons in processes)."""
         deadline = time.monotonic() + timeout
         pending = set(hosts)
+        restarts = dict.fromkeys(hosts, 0)
         while pending:
             for name in sorted(pending):
                 daemon = self.daemons[name]
                 if isinstance(daemon, HostProcess) and not daemon.running:
-                    raise RuntimeError(f"the daemon for {name} exited: {await daemon.failure()}")
+                    # As a service manager would (Restart=on-failure): a daemon that died
+                    # while starting, e.g. refused by a broker still closing its old session,
+                    # gets a few more tries before the run gives up.
+                    reason = await daemon.failure()
+                    if restarts[name] >= 3:
+                        raise RuntimeError(f"the daemon for {name} exited: {reason}")
+                    restarts[name] += 1
+                    log.warning("daemon exited while starting; restarting", host=name, reason=reason)
+                    await asyncio.sleep(0.2 * restarts[name])
+                    await daemon.start()
             for domain in {self.scenario.hosts[h].domain for h in pending}:
                 try:
                     online = set((await self.ask(domain, "hosts", {}, timeout=2))["online"])
