@@ -26,7 +26,7 @@ from urllib.parse import urlencode, urlsplit
 import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_catalog import CLIENTS, Measurement, build, random_backup_ids  # noqa: E402
+from bench_catalog import CLIENTS, Measurement, build, random_backup_ids, report  # noqa: E402
 
 from fabric.api import NB_CONTENT_TYPE, TOKEN_FILE, URL_FILE  # noqa: E402
 from fabric.catalog import Catalog  # noqa: E402
@@ -173,12 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             server.send_signal(signal.SIGINT)
             server.wait(30)
 
-    width = max(len(r.name) for r in results)
-    print(f"{'measurement':<{width}}  median ms   max ms  target")
-    for r in results:
-        target = "-" if r.target_ms is None else f"< {r.target_ms:g} ms {'ok' if r.met else 'MISSED'}"
-        print(f"{r.name:<{width}}  {r.median_ms:9.3f}  {max(r.samples_ms):7.3f}  {target}")
-    return 0 if all(r.met for r in results) else 1
+    return report(results)
 
 
 if __name__ == "__main__":
